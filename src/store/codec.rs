@@ -1,0 +1,100 @@
+//! The record codec: bincode 2 (serde) behind a leading format-version byte.
+//!
+//! Every value chatq stores goes through [`encode`] and [`decode`]. The version byte lets a
+//! later release recognise and migrate old records; an unknown version or a damaged record
+//! is a [`CodecError`], never a panic or silently wrong data.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The format version written in front of every record by this release.
+pub const FORMAT_VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("empty record")]
+    Empty,
+    #[error("record has format version {found}, this release reads version {FORMAT_VERSION}")]
+    UnknownVersion { found: u8 },
+    #[error("record could not be decoded: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    #[error("record could not be encoded: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("record has {0} trailing bytes")]
+    Trailing(usize),
+}
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes `value` as `[FORMAT_VERSION, bincode...]`.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(128);
+    out.push(FORMAT_VERSION);
+    bincode::serde::encode_into_std_write(value, &mut out, config())?;
+    Ok(out)
+}
+
+/// Decodes a record written by [`encode`], checking the version byte and that every byte
+/// was used.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if version != FORMAT_VERSION {
+        return Err(CodecError::UnknownVersion { found: version });
+    }
+    let (value, used) = bincode::serde::decode_from_slice(body, config())?;
+    if used != body.len() {
+        return Err(CodecError::Trailing(body.len() - used));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Sample {
+        a: u32,
+        b: Option<String>,
+    }
+
+    #[test]
+    fn round_trips_with_version_byte() {
+        let s = Sample {
+            a: 7,
+            b: Some("x".into()),
+        };
+        let bytes = encode(&s).unwrap();
+        assert_eq!(bytes[0], FORMAT_VERSION);
+        assert_eq!(decode::<Sample>(&bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn unknown_version_is_an_error() {
+        let mut bytes = encode(&Sample { a: 1, b: None }).unwrap();
+        bytes[0] = 99;
+        let err = decode::<Sample>(&bytes).unwrap_err();
+        assert!(matches!(err, CodecError::UnknownVersion { found: 99 }));
+        assert!(err.to_string().contains("version 99"));
+    }
+
+    #[test]
+    fn empty_truncated_and_trailing_records_are_errors() {
+        assert!(matches!(decode::<Sample>(&[]), Err(CodecError::Empty)));
+        let bytes = encode(&Sample {
+            a: 1,
+            b: Some("hello".into()),
+        })
+        .unwrap();
+        assert!(decode::<Sample>(&bytes[..bytes.len() - 2]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode::<Sample>(&longer),
+            Err(CodecError::Trailing(1))
+        ));
+    }
+}

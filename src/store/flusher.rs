@@ -1,0 +1,142 @@
+//! Group commit: one thread flushes sled for every caller waiting at that moment.
+//!
+//! Callers that need durability call [`Flusher::flush`]; their request joins the batch that
+//! the flusher thread takes next. One `db.flush()` (one fsync of sled's log) then answers the
+//! whole batch, so N concurrent writers cost one fsync, not N. Requests that arrive while a
+//! flush is running wait for the next one: a flush that started before a caller's write
+//! finished might not include it.
+//!
+//! Why a dedicated OS thread and a std `Mutex`/`Condvar` rather than a tokio task: the flush
+//! is a blocking syscall; calling sled's `flush_async` from many tasks at once was seen to
+//! hang on a 2-thread runtime, and `spawn_blocking` per batch adds a pool hop. The mutex is
+//! held only to push or take the waiter list, never across an await or the flush.
+//!
+//! Lifecycle: the thread is owned by [`Flusher`]; dropping it (when the last `Store` handle
+//! goes) sets `shutdown`, wakes the thread, which answers whoever is still waiting with a
+//! final flush, and joins it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+type Waiter = oneshot::Sender<Result<(), Arc<str>>>;
+
+#[derive(Default)]
+struct State {
+    waiters: Vec<Waiter>,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    flushes: AtomicU64,
+    flushed_requests: AtomicU64,
+}
+
+pub(crate) struct Flusher {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Counters for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FlushStats {
+    /// fsyncs performed.
+    pub flushes: u64,
+    /// Durability requests answered by them.
+    pub requests: u64,
+}
+
+impl Flusher {
+    pub(crate) fn start(db: sled::Db) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            flushes: AtomicU64::new(0),
+            flushed_requests: AtomicU64::new(0),
+        });
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("chatq-flusher".into())
+            .spawn(move || run(db, &thread_shared))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits until everything written before this call is on disk.
+    pub(crate) async fn flush(&self) -> Result<(), Arc<str>> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = lock(&self.shared.state);
+            if state.shutdown {
+                return Err("the store is shutting down".into());
+            }
+            state.waiters.push(tx);
+        }
+        self.shared.wake.notify_one();
+        rx.await
+            .unwrap_or_else(|_| Err("the flusher stopped before answering".into()))
+    }
+
+    pub(crate) fn stats(&self) -> FlushStats {
+        FlushStats {
+            flushes: self.shared.flushes.load(Ordering::Relaxed),
+            requests: self.shared.flushed_requests.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        lock(&self.shared.state).shutdown = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked while pushing to a Vec; the data is
+/// still a valid Vec, so keep going.
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn run(db: sled::Db, shared: &Shared) {
+    loop {
+        let batch = {
+            let mut state = lock(&shared.state);
+            while state.waiters.is_empty() && !state.shutdown {
+                state = shared
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            if state.waiters.is_empty() && state.shutdown {
+                break;
+            }
+            std::mem::take(&mut state.waiters)
+        };
+        let result = db.flush().map(|_| ()).map_err(|e| {
+            tracing::error!(error = %e, "flushing the store failed");
+            Arc::<str>::from(e.to_string())
+        });
+        shared.flushes.fetch_add(1, Ordering::Relaxed);
+        shared
+            .flushed_requests
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for waiter in batch {
+            // A waiter that gave up (its request was dropped) is fine to skip.
+            let _ = waiter.send(result.clone());
+        }
+    }
+    // Shutdown: whatever sled still buffers goes to disk.
+    if let Err(e) = db.flush() {
+        tracing::error!(error = %e, "final flush of the store failed");
+    }
+}

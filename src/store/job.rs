@@ -1,0 +1,204 @@
+//! The job record and its states, as stored and as shown over the API.
+//!
+//! The stored structs are plain (no `skip_serializing_if`, no untagged enums) because bincode
+//! encodes them positionally; the JSON view is derived from the same structs with serde's
+//! field names.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::clock::Millis;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// In the ready queue, waiting for a worker.
+    Queued,
+    /// Waiting for a retry or a requested delay to pass.
+    Delayed,
+    /// Claimed by a worker.
+    Active,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Delayed => "delayed",
+            Self::Active => "active",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub const ALL: [JobState; 6] = [
+        Self::Queued,
+        Self::Delayed,
+        Self::Active,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Who wrote a message in a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+/// What the chat bot is asked: the user's prompt and the conversation before it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// The user's message, already trimmed.
+    pub prompt: String,
+    /// Earlier messages of the conversation, oldest first (the bot keeps the last 10).
+    pub history: Vec<Message>,
+    /// Personality preset name; `None` means the default.
+    pub personality: Option<String>,
+    /// Overrides the personality's temperature.
+    pub temperature: Option<f32>,
+    /// Overrides the default `max_tokens`.
+    pub max_tokens: Option<u32>,
+}
+
+/// Token usage reported by the upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+/// The outcome of a completed job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub reply: String,
+    pub used_fallback: bool,
+    pub model: String,
+    pub usage: Option<Usage>,
+    pub processed_at: Millis,
+    /// Time spent waiting for the upstream on the successful attempt.
+    pub upstream_latency_ms: Option<u64>,
+}
+
+/// Why an attempt (or the whole job) failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    /// Machine-readable code, such as `openai_error` or `missing_prompt`.
+    pub code: String,
+    pub message: String,
+    /// The upstream HTTP status, when there was one.
+    pub status: Option<u16>,
+}
+
+/// One chat job, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub user_id: String,
+    pub guild_id: Option<String>,
+    pub conversation_id: Option<String>,
+    pub request: ChatRequest,
+    /// BullMQ semantics: 0 (the default) runs first, then 1, 2, ...; FIFO within a priority.
+    pub priority: u32,
+    /// Attempts that ended with an outcome (success or error). An attempt cut short by a crash
+    /// does not count, so a recovered job keeps this number.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub state: JobState,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    /// When a delayed job becomes due.
+    pub run_at: Millis,
+    pub result: Option<JobResult>,
+    /// The last attempt's error (kept while retrying) or the final error.
+    pub error: Option<JobError>,
+    pub idempotency_key: Option<String>,
+    /// The `x-request-id` of the submitting request.
+    pub request_id: Option<String>,
+    /// Ordering key inside the ready or delayed index (a sled-generated sequence number).
+    pub seq: u64,
+}
+
+/// What a caller asks the queue to run.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub user_id: String,
+    pub guild_id: Option<String>,
+    pub conversation_id: Option<String>,
+    pub request: ChatRequest,
+    pub priority: u32,
+    pub delay_ms: u64,
+    pub max_attempts: u32,
+    pub idempotency_key: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl NewJob {
+    /// A job for `user_id` asking `prompt`, with default options; handy in tests and tools.
+    pub fn prompt(user_id: &str, prompt: &str) -> Self {
+        Self {
+            user_id: user_id.to_owned(),
+            guild_id: None,
+            conversation_id: None,
+            request: ChatRequest {
+                prompt: prompt.to_owned(),
+                history: Vec::new(),
+                personality: None,
+                temperature: None,
+                max_tokens: None,
+            },
+            priority: 0,
+            delay_ms: 0,
+            max_attempts: 3,
+            idempotency_key: None,
+            request_id: None,
+        }
+    }
+}
+
+/// Counts of jobs per state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounts {
+    pub waiting: u64,
+    pub active: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub delayed: u64,
+    pub cancelled: u64,
+    pub paused: bool,
+}
