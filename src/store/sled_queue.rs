@@ -201,8 +201,12 @@ impl SledQueue {
             log_guild: open("log_by_guild")?,
             meta: open("meta")?,
         };
-        let flusher = Flusher::start(db.clone()).map_err(|e| StoreError::Flush(e.to_string().into()))?;
-        let paused = trees.meta.get(PAUSED_KEY)?.is_some_and(|v| v.as_ref() == [1]);
+        let flusher =
+            Flusher::start(db.clone()).map_err(|e| StoreError::Flush(e.to_string().into()))?;
+        let paused = trees
+            .meta
+            .get(PAUSED_KEY)?
+            .is_some_and(|v| v.as_ref() == [1]);
         let queue = Self {
             db,
             trees,
@@ -282,17 +286,19 @@ impl SledQueue {
             &t.log_user,
             &t.log_guild,
         )
-            .transaction(|(jobs, ready, delayed, finished, log, log_user, log_guild)| {
-                f(&FinishTx {
-                    jobs,
-                    ready,
-                    delayed,
-                    finished,
-                    log,
-                    log_user,
-                    log_guild,
-                })
-            })
+            .transaction(
+                |(jobs, ready, delayed, finished, log, log_user, log_guild)| {
+                    f(&FinishTx {
+                        jobs,
+                        ready,
+                        delayed,
+                        finished,
+                        log,
+                        log_user,
+                        log_guild,
+                    })
+                },
+            )
     }
 
     fn push_sync(&self, new: &NewJob) -> Result<Pushed, StoreError> {
@@ -453,12 +459,7 @@ impl SledQueue {
         }
     }
 
-    fn interaction_for(
-        &self,
-        job: &Job,
-        now: Millis,
-        action: Action,
-    ) -> Interaction {
+    fn interaction_for(&self, job: &Job, now: Millis, action: Action) -> Interaction {
         let result = job.result.as_ref();
         let error = if action == Action::ChatBotError {
             job.error.as_ref()
@@ -470,7 +471,10 @@ impl SledQueue {
             job_id: job.id,
             request_id: job.request_id.clone(),
             user_id: job.user_id.clone(),
-            guild_id: job.guild_id.clone().unwrap_or_else(|| GLOBAL_GUILD.to_owned()),
+            guild_id: job
+                .guild_id
+                .clone()
+                .unwrap_or_else(|| GLOBAL_GUILD.to_owned()),
             action,
             personality: job.request.personality.clone(),
             prompt: job.request.prompt.clone(),
@@ -488,7 +492,13 @@ impl SledQueue {
 
     /// Writes `job` as finished, with its retention entry and its interaction-log entry.
     /// Returns whether the log entry was written.
-    fn write_finished(&self, tx: &FinishTx<'_>, job: &Job, log_seq: u64, action: Option<Action>) -> TxResult<bool> {
+    fn write_finished(
+        &self,
+        tx: &FinishTx<'_>,
+        job: &Job,
+        log_seq: u64,
+        action: Option<Action>,
+    ) -> TxResult<bool> {
         let at = job.finished_at.unwrap_or_default();
         tx.finished
             .insert(&finished_key(job.state, at, job.seq), job.id.as_bytes())?;
@@ -532,7 +542,8 @@ impl SledQueue {
                 job.finished_at = Some(now);
                 job.result = Some(result.clone());
                 job.error = None;
-                let logged = self.write_finished(tx, &job, log_seq, Some(Action::ChatBotInteraction))?;
+                let logged =
+                    self.write_finished(tx, &job, log_seq, Some(Action::ChatBotInteraction))?;
                 Ok((job, logged))
             })
             .map_err(map_tx_error(id, "complete"))?;
@@ -571,7 +582,8 @@ impl SledQueue {
                     _ => {
                         job.state = JobState::Failed;
                         job.finished_at = Some(now);
-                        let logged = self.write_finished(tx, &job, log_seq, Some(Action::ChatBotError))?;
+                        let logged =
+                            self.write_finished(tx, &job, log_seq, Some(Action::ChatBotError))?;
                         Ok((job, FailOutcome::Failed, logged))
                     }
                 }
@@ -724,7 +736,9 @@ impl SledQueue {
             let n = batch.len() as u64;
             let _ = self
                 .log_entries
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(n))
+                });
             removed += n;
         }
     }
@@ -732,8 +746,16 @@ impl SledQueue {
     fn query_log_sync(&self, q: &LogQuery) -> Result<LogPage, StoreError> {
         let limit = q.limit.clamp(1, 500);
         let (tree, prefix, filter_guild) = match (&q.user_id, &q.guild_id) {
-            (Some(user), guild) => (&self.trees.log_user, interaction::index_prefix(user), guild.clone()),
-            (None, Some(guild)) => (&self.trees.log_guild, interaction::index_prefix(guild), None),
+            (Some(user), guild) => (
+                &self.trees.log_user,
+                interaction::index_prefix(user),
+                guild.clone(),
+            ),
+            (None, Some(guild)) => (
+                &self.trees.log_guild,
+                interaction::index_prefix(guild),
+                None,
+            ),
             (None, None) => (&self.trees.log, Vec::new(), None),
         };
         let bound = |key: [u8; 16]| {
@@ -791,8 +813,20 @@ impl SledQueue {
 
     fn list_sync(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError> {
         let ids: Vec<sled::IVec> = match state {
-            JobState::Queued => self.trees.ready.iter().values().take(limit).collect::<Result<_, _>>()?,
-            JobState::Delayed => self.trees.delayed.iter().values().take(limit).collect::<Result<_, _>>()?,
+            JobState::Queued => self
+                .trees
+                .ready
+                .iter()
+                .values()
+                .take(limit)
+                .collect::<Result<_, _>>()?,
+            JobState::Delayed => self
+                .trees
+                .delayed
+                .iter()
+                .values()
+                .take(limit)
+                .collect::<Result<_, _>>()?,
             JobState::Completed | JobState::Failed | JobState::Cancelled => self
                 .trees
                 .finished
@@ -830,10 +864,7 @@ impl SledQueue {
     }
 }
 
-fn map_tx_error(
-    id: Uuid,
-    action: &'static str,
-) -> impl Fn(TransactionError<Abort>) -> StoreError {
+fn map_tx_error(id: Uuid, action: &'static str) -> impl Fn(TransactionError<Abort>) -> StoreError {
     move |e| match e {
         TransactionError::Storage(e) => StoreError::Storage(e),
         TransactionError::Abort(Abort::Codec(e)) => StoreError::Codec(e),
@@ -911,9 +942,7 @@ impl JobQueue for SledQueue {
 
     fn set_paused(&self, paused: bool) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            self.trees
-                .meta
-                .insert(PAUSED_KEY, &[u8::from(paused)])?;
+            self.trees.meta.insert(PAUSED_KEY, &[u8::from(paused)])?;
             self.paused.store(paused, Ordering::Release);
             if !paused {
                 self.work.notify_waiters();

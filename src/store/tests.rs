@@ -144,7 +144,10 @@ async fn cancel_only_while_queued_or_delayed() {
         Err(StoreError::NotFound(_))
     ));
     let c = q.counts();
-    assert_eq!((c.cancelled, c.completed, c.waiting, c.delayed), (1, 1, 0, 0));
+    assert_eq!(
+        (c.cancelled, c.completed, c.waiting, c.delayed),
+        (1, 1, 0, 0)
+    );
 }
 
 #[tokio::test]
@@ -196,7 +199,10 @@ async fn failures_retry_until_max_attempts_then_fail_and_log() {
     let (_dir, clock, q) = setup();
     let job = push(&q, NewJob::prompt("bob", "hi")).await;
     q.claim().unwrap().unwrap();
-    let (j, outcome) = q.fail(job.id, err("openai_error"), Some(2_000)).await.unwrap();
+    let (j, outcome) = q
+        .fail(job.id, err("openai_error"), Some(2_000))
+        .await
+        .unwrap();
     assert_eq!(outcome, FailOutcome::Retrying { at: T0 + 2_000 });
     assert_eq!(j.state, JobState::Delayed);
     assert_eq!(j.attempts, 1);
@@ -204,11 +210,17 @@ async fn failures_retry_until_max_attempts_then_fail_and_log() {
     assert!(q.claim().unwrap().is_none(), "not before the backoff");
     clock.advance(2_000);
     q.claim().unwrap().unwrap();
-    let (_, outcome) = q.fail(job.id, err("openai_error"), Some(4_000)).await.unwrap();
+    let (_, outcome) = q
+        .fail(job.id, err("openai_error"), Some(4_000))
+        .await
+        .unwrap();
     assert_eq!(outcome, FailOutcome::Retrying { at: T0 + 6_000 });
     clock.advance(4_000);
     q.claim().unwrap().unwrap();
-    let (j, outcome) = q.fail(job.id, err("openai_error"), Some(8_000)).await.unwrap();
+    let (j, outcome) = q
+        .fail(job.id, err("openai_error"), Some(8_000))
+        .await
+        .unwrap();
     assert_eq!(outcome, FailOutcome::Failed, "third attempt was the last");
     assert_eq!(j.attempts, 3);
     assert_eq!(j.state, JobState::Failed);
@@ -364,7 +376,11 @@ async fn log_retention_by_count_and_age() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(by_user.entries.len(), 2, "index entries pruned with the log");
+    assert_eq!(
+        by_user.entries.len(),
+        2,
+        "index entries pruned with the log"
+    );
     // Now T0+65.5 s: the remaining entries are from T0+4 s .. T0+8 s, and those older than
     // 60 s (T0+4 s and T0+5 s) go.
     clock.advance(57_500);
