@@ -1,0 +1,151 @@
+//! The chat bot: turns a job into a reply.
+//!
+//! [`ChatBot::ask`] builds the prompt (guild-aware system prompt, personality, last 10
+//! messages), calls the OpenAI-compatible [`Upstream`] when a key is configured, and
+//! otherwise answers with the personality's canned fallback reply. It does not retry and does
+//! not touch the store: the worker decides what an error means for the job.
+
+pub mod fallback;
+pub mod personality;
+pub mod prompt;
+pub mod upstream;
+
+use std::time::Duration;
+
+use crate::clock::SharedClock;
+use crate::store::job::{Job, JobError, JobResult};
+pub use personality::{Personalities, Personality};
+pub use upstream::{Upstream, UpstreamConfig, UpstreamError};
+
+/// `max_tokens` sent upstream unless a request sets its own.
+pub const DEFAULT_MAX_TOKENS: u32 = 180;
+
+/// Why the bot could not answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BotError {
+    #[error("The prompt is empty")]
+    MissingPrompt,
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl BotError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::MissingPrompt => false,
+            Self::Upstream(e) => e.is_transient(),
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::MissingPrompt => None,
+            Self::Upstream(e) => e.retry_after(),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingPrompt => "missing_prompt",
+            Self::Upstream(_) => "openai_error",
+        }
+    }
+
+    /// The error as recorded in the job and the interaction log.
+    pub fn to_job_error(&self) -> JobError {
+        JobError {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+            status: match self {
+                Self::MissingPrompt => None,
+                Self::Upstream(e) => e.status(),
+            },
+        }
+    }
+}
+
+/// The chat bot. Build once; share behind an `Arc`.
+#[derive(Debug)]
+pub struct ChatBot {
+    upstream: Option<Upstream>,
+    personalities: Personalities,
+    clock: SharedClock,
+}
+
+impl ChatBot {
+    /// `upstream` is `None` when no API key is configured: every job gets a fallback reply.
+    pub fn new(upstream: Option<Upstream>, personalities: Personalities, clock: SharedClock) -> Self {
+        Self {
+            upstream,
+            personalities,
+            clock,
+        }
+    }
+
+    pub fn personalities(&self) -> &Personalities {
+        &self.personalities
+    }
+
+    /// True when replies come from an upstream model, false in offline fallback mode.
+    pub fn has_upstream(&self) -> bool {
+        self.upstream.is_some()
+    }
+
+    /// The configured model name, or the fallback marker.
+    pub fn model(&self) -> &str {
+        self.upstream
+            .as_ref()
+            .map_or(fallback::FALLBACK_MODEL, Upstream::model)
+    }
+
+    /// The canned reply for a job (offline mode, or after the upstream gave up for good when
+    /// the operator chose to fall back).
+    pub fn fallback_result(&self, job: &Job) -> JobResult {
+        let personality = self.personalities.resolve(job.request.personality.as_deref());
+        JobResult {
+            reply: fallback::reply_for(personality).to_owned(),
+            used_fallback: true,
+            model: fallback::FALLBACK_MODEL.to_owned(),
+            usage: None,
+            processed_at: self.clock.now_ms(),
+            upstream_latency_ms: None,
+        }
+    }
+
+    /// Answers one job.
+    pub async fn ask(&self, job: &Job) -> Result<JobResult, BotError> {
+        let prompt = job.request.prompt.trim();
+        if prompt.is_empty() {
+            return Err(BotError::MissingPrompt);
+        }
+        let Some(upstream) = &self.upstream else {
+            return Ok(self.fallback_result(job));
+        };
+        let personality = self.personalities.resolve(job.request.personality.as_deref());
+        let mut request = job.request.clone();
+        request.prompt = prompt.to_owned();
+        let messages = prompt::build_messages(job.guild_id.as_deref(), personality, &request);
+        let reply = upstream
+            .complete(&upstream::CompletionRequest {
+                model: upstream.model(),
+                messages: &messages,
+                max_tokens: request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+                temperature: request.temperature.unwrap_or(personality.temperature),
+                user: Some(&job.user_id),
+            })
+            .await?;
+        let text = reply
+            .content
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| fallback::EMPTY_REPLY_PLACEHOLDER.to_owned());
+        Ok(JobResult {
+            reply: text,
+            used_fallback: false,
+            model: reply.model,
+            usage: reply.usage,
+            processed_at: self.clock.now_ms(),
+            upstream_latency_ms: Some(reply.latency.as_millis() as u64),
+        })
+    }
+}

@@ -1,0 +1,99 @@
+//! Building the message list sent upstream: chatq's system prompt (guild-aware, plus the
+//! personality), the last 10 messages of history, then the user's prompt.
+
+use serde::Serialize;
+
+use crate::bot::personality::Personality;
+use crate::store::job::{ChatRequest, Message, Role};
+
+/// At most this many history messages go upstream; older ones are dropped.
+pub const MAX_HISTORY: usize = 10;
+
+/// A message as the OpenAI protocol writes it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WireMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// The system prompt for a job in `guild_id` (or outside any guild).
+pub fn system_prompt(guild_id: Option<&str>, personality: &Personality) -> String {
+    let base = match guild_id {
+        Some(guild) => format!(
+            "You are the community assistant for the guild {guild}. Keep replies short and \
+             friendly, suited to a busy chat channel, and never ask for or reveal sensitive \
+             personal data such as passwords, addresses, phone numbers or payment details."
+        ),
+        None => "You are a concise, helpful assistant. Keep replies short and clear.".to_owned(),
+    };
+    format!("{base}\n\n{}", personality.instructions)
+}
+
+/// The full message list for one request.
+pub fn build_messages(
+    guild_id: Option<&str>,
+    personality: &Personality,
+    request: &ChatRequest,
+) -> Vec<WireMessage> {
+    let history = &request.history[request.history.len().saturating_sub(MAX_HISTORY)..];
+    let mut messages = Vec::with_capacity(history.len() + 2);
+    messages.push(WireMessage {
+        role: Role::System.as_str(),
+        content: system_prompt(guild_id, personality),
+    });
+    messages.extend(history.iter().map(|m: &Message| WireMessage {
+        role: m.role.as_str(),
+        content: m.content.clone(),
+    }));
+    messages.push(WireMessage {
+        role: Role::User.as_str(),
+        content: request.prompt.clone(),
+    });
+    messages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bot::personality::Personalities;
+
+    fn request(history: usize) -> ChatRequest {
+        ChatRequest {
+            prompt: "now".into(),
+            history: (0..history)
+                .map(|i| Message {
+                    role: if i % 2 == 0 { Role::User } else { Role::Assistant },
+                    content: format!("h{i}"),
+                })
+                .collect(),
+            personality: None,
+            temperature: None,
+            max_tokens: None,
+        }
+    }
+
+    #[test]
+    fn guild_prompt_names_the_guild_and_asks_for_care() {
+        let p = Personalities::builtin();
+        let s = system_prompt(Some("g-42"), p.resolve(None));
+        assert!(s.contains("g-42"));
+        assert!(s.contains("short") && s.contains("sensitive"));
+        assert!(s.ends_with(&p.resolve(None).instructions));
+        let generic = system_prompt(None, p.resolve(Some("technical")));
+        assert!(generic.starts_with("You are a concise, helpful assistant."));
+        assert!(generic.ends_with(&p.resolve(Some("technical")).instructions));
+    }
+
+    #[test]
+    fn history_is_cut_to_the_last_ten() {
+        let p = Personalities::builtin();
+        let msgs = build_messages(None, p.resolve(None), &request(14));
+        assert_eq!(msgs.len(), 1 + MAX_HISTORY + 1);
+        assert_eq!(msgs[0].role, "system");
+        assert_eq!(msgs[1].content, "h4");
+        assert_eq!(msgs[10].content, "h13");
+        assert_eq!(msgs[11].role, "user");
+        assert_eq!(msgs[11].content, "now");
+        assert_eq!(build_messages(None, p.resolve(None), &request(3)).len(), 5);
+    }
+}

@@ -1,0 +1,261 @@
+//! The OpenAI-compatible upstream client: `POST {base}/chat/completions`.
+//!
+//! One reqwest client is built at start and reused (connection pool, request timeout). Errors
+//! say whether they are worth retrying and, for a 429 or 503 with `Retry-After`, how long
+//! the upstream asked us to wait; the worker decides from that, not from strings. The API
+//! key is sent as a bearer token and never appears in an error, a log line or the log.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bot::prompt::WireMessage;
+use crate::config::Secret;
+use crate::store::job::Usage;
+
+/// The longest body text kept from an upstream error.
+const MAX_ERROR_BODY: usize = 2_000;
+
+/// Where and how to call the upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URL, such as `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`.
+    pub base_url: String,
+    pub api_key: Secret,
+    pub model: String,
+    pub timeout: Duration,
+}
+
+/// One chat completion request.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionRequest<'a> {
+    pub model: &'a str,
+    pub messages: &'a [WireMessage],
+    pub max_tokens: u32,
+    pub temperature: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionResponse {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Choice {
+    #[serde(default)]
+    message: Option<ChoiceMessage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChoiceMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// What the upstream answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamReply {
+    /// The reply text; `None` when the upstream sent no content.
+    pub content: Option<String>,
+    pub model: String,
+    pub usage: Option<Usage>,
+    pub latency: Duration,
+}
+
+/// A failed upstream call.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("OpenAI request failed with status {status}: {body}")]
+    Status {
+        status: u16,
+        body: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("OpenAI request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("could not reach the OpenAI API: {0}")]
+    Connect(String),
+    #[error("OpenAI answer could not be read: {0}")]
+    InvalidResponse(String),
+}
+
+impl UpstreamError {
+    /// Worth retrying: 408, 429, 5xx, connection failures and timeouts.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Status { status, .. } => {
+                *status == 408 || *status == 429 || (500..=599).contains(status)
+            }
+            Self::Timeout(_) | Self::Connect(_) => true,
+            Self::InvalidResponse(_) => false,
+        }
+    }
+
+    /// How long the upstream asked us to wait before the next try.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = value.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Some(Duration::from_secs_f64(secs.min(86_400.0)));
+        }
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The client. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Upstream {
+    client: reqwest::Client,
+    url: String,
+    config: UpstreamConfig,
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(64)
+            .user_agent(concat!("chatq/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
+        Ok(Self {
+            client,
+            url,
+            config,
+        })
+    }
+
+    pub fn model(&self) -> &str {
+        &self.config.model
+    }
+
+    /// Removes the API key from text that came back from the upstream, in case it echoes it.
+    fn scrub(&self, text: &str) -> String {
+        let key = self.config.api_key.expose();
+        let mut out: String = text.chars().take(MAX_ERROR_BODY).collect();
+        if key.len() >= 8 && out.contains(key) {
+            out = out.replace(key, "[redacted]");
+        }
+        out
+    }
+
+    fn classify(&self, e: reqwest::Error) -> UpstreamError {
+        if e.is_timeout() {
+            UpstreamError::Timeout(self.config.timeout)
+        } else if e.is_decode() {
+            UpstreamError::InvalidResponse(self.scrub(&e.to_string()))
+        } else {
+            // Connect errors and connections cut mid-answer are both worth another try.
+            UpstreamError::Connect(self.scrub(&e.without_url().to_string()))
+        }
+    }
+
+    /// Sends one non-streaming chat completion request.
+    pub async fn complete(
+        &self,
+        request: &CompletionRequest<'_>,
+    ) -> Result<UpstreamReply, UpstreamError> {
+        let started = Instant::now();
+        let response = self
+            .client
+            .post(&self.url)
+            .bearer_auth(self.config.api_key.expose())
+            .json(request)
+            .send()
+            .await
+            .map_err(|e| self.classify(e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+            let body = response.text().await.unwrap_or_default();
+            return Err(UpstreamError::Status {
+                status: status.as_u16(),
+                body: self.scrub(body.trim()),
+                retry_after,
+            });
+        }
+        let bytes = response.bytes().await.map_err(|e| self.classify(e))?;
+        let parsed: CompletionResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| UpstreamError::InvalidResponse(e.to_string()))?;
+        let content = parsed
+            .choices
+            .into_iter()
+            .next()
+            .and_then(|c| c.message)
+            .and_then(|m| m.content);
+        Ok(UpstreamReply {
+            content,
+            model: parsed.model.unwrap_or_else(|| request.model.to_owned()),
+            usage: parsed.usage,
+            latency: started.elapsed(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_classification() {
+        let status = |s| UpstreamError::Status {
+            status: s,
+            body: String::new(),
+            retry_after: None,
+        };
+        for s in [408, 429, 500, 502, 503, 599] {
+            assert!(status(s).is_transient(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 422] {
+            assert!(!status(s).is_transient(), "{s}");
+        }
+        assert!(UpstreamError::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(UpstreamError::Connect("refused".into()).is_transient());
+        assert!(!UpstreamError::InvalidResponse("x".into()).is_transient());
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 1.5 ", now), Some(Duration::from_millis(1_500)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(7)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+}

@@ -1,0 +1,175 @@
+//! The per-user rate limit (governor, keyed by user id, in process).
+//!
+//! Quota: `limit` requests per `window`, with the full burst allowed (GCRA: one request's
+//! worth of capacity comes back every `window / limit`). Each answer of a limited route
+//! reports `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (seconds until
+//! the burst is full again); a refusal also carries `Retry-After` (seconds until the next
+//! request is allowed). Other users never share a key, so they are never affected.
+//!
+//! The limiter reads time from tokio's clock ([`TokioClock`]), so tests drive it with a
+//! paused clock. The key map is pruned by [`UserLimiter::prune`], which the app calls in the
+//! background: keys whose state is indistinguishable from a fresh one are dropped, so a
+//! million one-off users do not grow memory for good.
+
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use governor::clock::Clock;
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
+
+/// Governor's clock on top of tokio's (pausable) clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = Instant;
+
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+type Keyed = RateLimiter<String, DashMapStateStore<String>, TokioClock, StateInformationMiddleware>;
+
+/// The limiter's verdict and the numbers for the headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Seconds until the full burst is available again.
+    pub reset_secs: u64,
+    /// Seconds until the next request is allowed (only when refused).
+    pub retry_after_secs: Option<u64>,
+}
+
+pub struct UserLimiter {
+    limiter: Keyed,
+    limit: u32,
+    per_request: Duration,
+}
+
+impl std::fmt::Debug for UserLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserLimiter")
+            .field("limit", &self.limit)
+            .field("keys", &self.limiter.len())
+            .finish()
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl UserLimiter {
+    /// `limit` requests per `window` per user.
+    pub fn new(limit: NonZeroU32, window: Duration) -> Self {
+        let per_request = (window / limit.get()).max(Duration::from_nanos(1));
+        let quota = Quota::with_period(per_request)
+            .unwrap_or_else(|| Quota::per_second(limit))
+            .allow_burst(limit);
+        let limiter = RateLimiter::dashmap_with_clock(quota, TokioClock)
+            .with_middleware::<StateInformationMiddleware>();
+        Self {
+            limiter,
+            limit: limit.get(),
+            per_request,
+        }
+    }
+
+    /// Counts one request from `user` and says whether it may go ahead.
+    pub fn check(&self, user: &str) -> Decision {
+        // The key is owned by the map; looking it up needs an owned String. One allocation per
+        // request is small next to the JSON parsing that produced `user`.
+        match self.limiter.check_key(&user.to_owned()) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Decision {
+                    allowed: true,
+                    limit: self.limit,
+                    remaining,
+                    reset_secs: ceil_secs(self.per_request * (self.limit - remaining)),
+                    retry_after_secs: None,
+                }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(TokioClock.now());
+                Decision {
+                    allowed: false,
+                    limit: self.limit,
+                    remaining: 0,
+                    reset_secs: ceil_secs(self.per_request * self.limit),
+                    retry_after_secs: Some(ceil_secs(wait).max(1)),
+                }
+            }
+        }
+    }
+
+    /// Drops keys that are back to a full burst; returns how many keys remain.
+    pub fn prune(&self) -> usize {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+        self.limiter.len()
+    }
+
+    pub fn keys(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(n: u32, secs: u64) -> UserLimiter {
+        UserLimiter::new(NonZeroU32::new(n).unwrap(), Duration::from_secs(secs))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_burst_then_refusal_with_retry_after_and_other_users_unaffected() {
+        let l = limiter(10, 60);
+        for i in 0..10 {
+            let d = l.check("alice");
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.remaining, 9 - i);
+            assert_eq!(d.limit, 10);
+        }
+        let refused = l.check("alice");
+        assert!(!refused.allowed);
+        assert_eq!(refused.remaining, 0);
+        assert_eq!(refused.retry_after_secs, Some(6), "one request back every 6 s");
+        assert!(l.check("bob").allowed, "another user is not affected");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_comes_back_with_time() {
+        let l = limiter(10, 60);
+        for _ in 0..10 {
+            assert!(l.check("u").allowed);
+        }
+        assert!(!l.check("u").allowed);
+        tokio::time::advance(Duration::from_millis(5_900)).await;
+        assert!(!l.check("u").allowed, "not before 6 s");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let d = l.check("u");
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 0);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(l.check("u").remaining, 9, "full burst after a whole window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn prune_drops_idle_keys() {
+        let l = limiter(10, 60);
+        for i in 0..1_000 {
+            l.check(&format!("user-{i}"));
+        }
+        assert_eq!(l.keys(), 1_000);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        l.check("active");
+        assert_eq!(l.prune(), 1, "only the recently active key is kept");
+    }
+}

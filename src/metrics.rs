@@ -1,0 +1,173 @@
+//! Prometheus metrics, all prefixed `chatq_`, none labelled per user.
+//!
+//! [`Metrics`] owns the registry and typed handles; the rest of chatq records into it.
+//! Queue depth is read from the queue at scrape time rather than tracked twice.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::store::JobQueue;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabel {
+    pub fallback: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+    pub status: u16,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub jobs_accepted: Counter,
+    pub jobs_completed: Family<FallbackLabel, Counter>,
+    pub jobs_failed: Family<CodeLabel, Counter>,
+    pub jobs_retried: Counter,
+    pub queue_depth: Family<StateLabel, Gauge>,
+    pub queue_wait: Histogram,
+    pub job_duration: Histogram,
+    pub upstream_requests: Family<StatusLabel, Counter>,
+    pub upstream_latency: Histogram,
+    pub rate_limited: Counter,
+    pub validation_rejected: Counter,
+    pub http_requests: Family<RouteLabel, Counter>,
+    pub log_failures: Gauge,
+    pub store_flushes: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("chatq");
+        let m = Self {
+            jobs_accepted: Counter::default(),
+            jobs_completed: Family::default(),
+            jobs_failed: Family::default(),
+            jobs_retried: Counter::default(),
+            queue_depth: Family::default(),
+            queue_wait: latency_histogram(),
+            job_duration: latency_histogram(),
+            upstream_requests: Family::default(),
+            upstream_latency: latency_histogram(),
+            rate_limited: Counter::default(),
+            validation_rejected: Counter::default(),
+            http_requests: Family::default(),
+            log_failures: Gauge::default(),
+            store_flushes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("jobs_accepted", "Jobs accepted by the front door", m.jobs_accepted.clone());
+        registry.register("jobs_completed", "Jobs completed, by whether the reply was a fallback", m.jobs_completed.clone());
+        registry.register("jobs_failed", "Jobs failed for good, by error code", m.jobs_failed.clone());
+        registry.register("jobs_retried", "Job attempts that failed and were scheduled again", m.jobs_retried.clone());
+        registry.register("queue_depth", "Jobs in the store by state", m.queue_depth.clone());
+        registry.register("queue_wait_seconds", "Time from a job becoming due to a worker claiming it", m.queue_wait.clone());
+        registry.register("job_duration_seconds", "Time a worker spent on one attempt", m.job_duration.clone());
+        registry.register("upstream_requests", "Upstream chat completion requests by HTTP status (or error kind)", m.upstream_requests.clone());
+        registry.register("upstream_latency_seconds", "Upstream chat completion latency", m.upstream_latency.clone());
+        registry.register("rate_limited_requests", "Requests refused by the per-user rate limit", m.rate_limited.clone());
+        registry.register("validation_rejected_requests", "Requests refused by message validation", m.validation_rejected.clone());
+        registry.register("http_requests", "HTTP requests by route and status", m.http_requests.clone());
+        registry.register("interaction_log_failures", "Interaction-log entries that could not be written", m.log_failures.clone());
+        registry.register("store_flushes", "Group-commit flushes of the store", m.store_flushes.clone());
+        Self { registry, ..m }
+    }
+
+    pub fn job_completed(&self, used_fallback: bool) {
+        self.jobs_completed
+            .get_or_create(&FallbackLabel {
+                fallback: if used_fallback { "true" } else { "false" },
+            })
+            .inc();
+    }
+
+    pub fn job_failed(&self, code: &str) {
+        self.jobs_failed
+            .get_or_create(&CodeLabel {
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn upstream_request(&self, status: &str, seconds: f64) {
+        self.upstream_requests
+            .get_or_create(&StatusLabel {
+                status: status.to_owned(),
+            })
+            .inc();
+        self.upstream_latency.observe(seconds);
+    }
+
+    pub fn http_request(&self, route: &str, status: u16) {
+        self.http_requests
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    /// Renders the Prometheus text format, reading queue depth from `queue` first.
+    pub fn render(&self, queue: &dyn JobQueue) -> String {
+        let counts = queue.counts();
+        for (state, n) in [
+            ("waiting", counts.waiting),
+            ("active", counts.active),
+            ("delayed", counts.delayed),
+            ("completed", counts.completed),
+            ("failed", counts.failed),
+            ("cancelled", counts.cancelled),
+        ] {
+            self.queue_depth
+                .get_or_create(&StateLabel { state })
+                .set(n as i64);
+        }
+        self.log_failures.set(queue.log_failures() as i64);
+        self.store_flushes.set(queue.flush_stats().flushes as i64);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub type SharedMetrics = Arc<Metrics>;

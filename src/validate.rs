@@ -1,0 +1,331 @@
+//! Message validation, exactly as the replaced system did it (DESIGN section 5).
+//!
+//! The checks run in a fixed order and the first failure wins, with its message verbatim.
+//! The unsafe patterns are compiled once into a [`RegexSet`]; checking a message allocates
+//! nothing per pattern. This module only judges input: it never stores or sends anything.
+
+use regex::RegexSet;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::store::job::Role;
+
+/// Longest accepted message content, in characters, counted before trimming.
+pub const MAX_CONTENT_CHARS: usize = 10_000;
+
+/// Why a message was refused. `Display` is the exact message clients see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("Invalid message format")]
+    InvalidFormat,
+    #[error("Invalid message role")]
+    InvalidRole,
+    #[error("Message content is required")]
+    ContentRequired,
+    #[error("Message content too long (max 10000 characters)")]
+    TooLong,
+    #[error("Message contains potentially unsafe content")]
+    Unsafe,
+}
+
+impl ValidationError {
+    /// A stable machine-readable code for the error shape.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::InvalidFormat => "invalid_message_format",
+            Self::InvalidRole => "invalid_message_role",
+            Self::ContentRequired => "message_content_required",
+            Self::TooLong => "message_content_too_long",
+            Self::Unsafe => "unsafe_content",
+        }
+    }
+
+    /// The request field the error is about.
+    pub fn param(self) -> Option<&'static str> {
+        match self {
+            Self::InvalidFormat => None,
+            Self::InvalidRole => Some("role"),
+            Self::ContentRequired | Self::TooLong | Self::Unsafe => Some("content"),
+        }
+    }
+}
+
+/// A message that passed validation: content trimmed, with the time it was checked.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ValidatedMessage {
+    pub role: Role,
+    pub content: String,
+    /// RFC 3339, UTC.
+    pub validated_at: String,
+}
+
+/// One message's outcome in a bulk validation.
+#[derive(Debug, Clone, Serialize)]
+pub struct BulkItem {
+    pub index: usize,
+    pub success: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validated_message: Option<ValidatedMessage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BulkSummary {
+    pub total: usize,
+    pub success: usize,
+    pub errors: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BulkOutcome {
+    /// True only if every message passed.
+    pub success: bool,
+    pub conversation_id: String,
+    pub results: Vec<BulkItem>,
+    pub summary: BulkSummary,
+}
+
+/// The validator; build once and share.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    unsafe_patterns: RegexSet,
+}
+
+impl Default for Validator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Validator {
+    pub fn new() -> Self {
+        // Literal patterns, checked case-insensitively; a constant set that is known to compile.
+        let unsafe_patterns = RegexSet::new([
+            r"(?i)<script",
+            r"(?i)javascript:",
+            r"(?i)data:text/html",
+            r"(?i)vbscript:",
+        ])
+        .expect("the built-in unsafe-content patterns compile");
+        Self { unsafe_patterns }
+    }
+
+    /// True if `text` contains one of the unsafe patterns.
+    pub fn is_unsafe(&self, text: &str) -> bool {
+        self.unsafe_patterns.is_match(text)
+    }
+
+    /// Checks content alone (checks 3 to 5): required, length, unsafe patterns.
+    /// Returns the trimmed content.
+    pub fn check_content<'a>(
+        &self,
+        content: &'a str,
+        max_chars: usize,
+    ) -> Result<&'a str, ValidationError> {
+        let trimmed = content.trim();
+        if trimmed.is_empty() {
+            return Err(ValidationError::ContentRequired);
+        }
+        // Counted before trimming; cheap byte-length test first.
+        if content.len() > max_chars && content.chars().count() > max_chars {
+            return Err(ValidationError::TooLong);
+        }
+        if self.is_unsafe(content) {
+            return Err(ValidationError::Unsafe);
+        }
+        Ok(trimmed)
+    }
+
+    /// Validates one message (any JSON value), in the documented order.
+    pub fn message(&self, value: &Value) -> Result<ValidatedMessage, ValidationError> {
+        let (role, content) = self.message_parts(value, false)?;
+        Ok(ValidatedMessage {
+            role,
+            content: content.to_owned(),
+            validated_at: now_rfc3339(),
+        })
+    }
+
+    /// Validates one message and returns its role and trimmed content. `allow_system` admits
+    /// the `system` role (OpenAI-compatible clients send it).
+    pub fn message_parts<'a>(
+        &self,
+        value: &'a Value,
+        allow_system: bool,
+    ) -> Result<(Role, &'a str), ValidationError> {
+        let object = value.as_object().ok_or(ValidationError::InvalidFormat)?;
+        let role = match object.get("role").and_then(Value::as_str) {
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
+            Some("system") if allow_system => Role::System,
+            _ => return Err(ValidationError::InvalidRole),
+        };
+        let content = object
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or(ValidationError::ContentRequired)?;
+        Ok((role, self.check_content(content, MAX_CONTENT_CHARS)?))
+    }
+
+    /// Validates each message independently.
+    pub fn bulk(&self, conversation_id: String, messages: &[Value]) -> BulkOutcome {
+        let results: Vec<BulkItem> = messages
+            .iter()
+            .enumerate()
+            .map(|(index, value)| match self.message(value) {
+                Ok(message) => BulkItem {
+                    index,
+                    success: true,
+                    validated_message: Some(message),
+                    error: None,
+                },
+                Err(e) => BulkItem {
+                    index,
+                    success: false,
+                    validated_message: None,
+                    error: Some(e.to_string()),
+                },
+            })
+            .collect();
+        let ok = results.iter().filter(|r| r.success).count();
+        BulkOutcome {
+            success: ok == results.len(),
+            conversation_id,
+            summary: BulkSummary {
+                total: results.len(),
+                success: ok,
+                errors: results.len() - ok,
+            },
+            results,
+        }
+    }
+}
+
+/// The current time as RFC 3339 with milliseconds, UTC.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(value: Value) -> Result<ValidatedMessage, ValidationError> {
+        Validator::new().message(&value)
+    }
+
+    #[test]
+    fn every_rule_and_boundary() {
+        use ValidationError::*;
+        let long = |n: usize| "a".repeat(n);
+        let cases: Vec<(Value, Result<&str, ValidationError>)> = vec![
+            (json!("just a string"), Err(InvalidFormat)),
+            (json!(null), Err(InvalidFormat)),
+            (json!([{"role": "user", "content": "hi"}]), Err(InvalidFormat)),
+            (json!(42), Err(InvalidFormat)),
+            (json!({"content": "hi"}), Err(InvalidRole)),
+            (json!({"role": "system", "content": "hi"}), Err(InvalidRole)),
+            (json!({"role": "User", "content": "hi"}), Err(InvalidRole)),
+            (json!({"role": 1, "content": "hi"}), Err(InvalidRole)),
+            (json!({"role": "user"}), Err(ContentRequired)),
+            (json!({"role": "user", "content": 5}), Err(ContentRequired)),
+            (json!({"role": "user", "content": null}), Err(ContentRequired)),
+            (json!({"role": "user", "content": ""}), Err(ContentRequired)),
+            (json!({"role": "user", "content": " \n\t "}), Err(ContentRequired)),
+            (json!({"role": "user", "content": long(10_000)}), Ok("10000")),
+            (json!({"role": "user", "content": long(10_001)}), Err(TooLong)),
+            // Counted before trimming: 9999 letters plus two spaces is too long.
+            (json!({"role": "user", "content": format!(" {} ", long(9_999))}), Err(TooLong)),
+            // Characters, not bytes: 10000 two-byte letters pass.
+            (json!({"role": "user", "content": "é".repeat(10_000)}), Ok("10000")),
+            (json!({"role": "user", "content": "<ScRiPt>alert(1)"}), Err(Unsafe)),
+            (json!({"role": "user", "content": "go to JavaScript:void(0)"}), Err(Unsafe)),
+            (json!({"role": "user", "content": "DATA:TEXT/HTML,<b>"}), Err(Unsafe)),
+            (json!({"role": "assistant", "content": "VbScRiPt:msgbox"}), Err(Unsafe)),
+            // The role is checked before the content: a bad role wins over bad content.
+            (json!({"role": "bot", "content": "<script>"}), Err(InvalidRole)),
+            // Length is checked before the patterns.
+            (json!({"role": "user", "content": format!("<script>{}", long(10_000))}), Err(TooLong)),
+            (json!({"role": "user", "content": "  hello  "}), Ok("hello")),
+            (json!({"role": "assistant", "content": "I <3 my script, x < y"}), Ok("I <3 my script, x < y")),
+        ];
+        for (input, expected) in cases {
+            let got = check(input.clone());
+            match (expected, got) {
+                (Ok("10000"), Ok(m)) => assert_eq!(m.content.chars().count(), 10_000),
+                (Ok(content), Ok(m)) => assert_eq!(m.content, content, "{input}"),
+                (Err(e), Err(g)) => assert_eq!(e, g, "{input}"),
+                (e, g) => panic!("{input}: expected {e:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn messages_are_the_documented_text() {
+        use ValidationError::*;
+        assert_eq!(InvalidFormat.to_string(), "Invalid message format");
+        assert_eq!(InvalidRole.to_string(), "Invalid message role");
+        assert_eq!(ContentRequired.to_string(), "Message content is required");
+        assert_eq!(
+            TooLong.to_string(),
+            "Message content too long (max 10000 characters)"
+        );
+        assert_eq!(
+            Unsafe.to_string(),
+            "Message contains potentially unsafe content"
+        );
+    }
+
+    #[test]
+    fn valid_message_has_role_trimmed_content_and_timestamp() {
+        let m = check(json!({"role": "user", "content": "  hi  "})).unwrap();
+        assert_eq!(m.role, Role::User);
+        assert_eq!(m.content, "hi");
+        assert!(m.validated_at.ends_with('Z') && m.validated_at.len() == 24);
+    }
+
+    #[test]
+    fn system_role_only_when_allowed() {
+        let v = Validator::new();
+        let msg = json!({"role": "system", "content": "be brief"});
+        assert_eq!(v.message_parts(&msg, false), Err(ValidationError::InvalidRole));
+        assert_eq!(
+            v.message_parts(&msg, true),
+            Ok((Role::System, "be brief"))
+        );
+    }
+
+    #[test]
+    fn bulk_validates_each_message_and_summarises() {
+        let v = Validator::new();
+        let msgs = vec![
+            json!({"role": "user", "content": "hello"}),
+            json!({"role": "system", "content": "x"}),
+            json!({"role": "assistant", "content": " fine "}),
+            json!("nope"),
+        ];
+        let out = v.bulk("c1".into(), &msgs);
+        assert!(!out.success);
+        assert_eq!(
+            out.summary,
+            BulkSummary {
+                total: 4,
+                success: 2,
+                errors: 2
+            }
+        );
+        assert_eq!(out.results[1].error.as_deref(), Some("Invalid message role"));
+        assert_eq!(out.results[3].error.as_deref(), Some("Invalid message format"));
+        assert_eq!(
+            out.results[2].validated_message.as_ref().unwrap().content,
+            "fine"
+        );
+        let all_ok = v.bulk("c2".into(), &msgs[..1]);
+        assert!(all_ok.success);
+        let empty = v.bulk("c3".into(), &[]);
+        assert!(empty.success);
+        assert_eq!(empty.summary.total, 0);
+    }
+}

@@ -1,0 +1,324 @@
+//! The worker pool: claim a job, ask the chat bot, complete or fail it, repeat.
+//!
+//! [`Worker::process_next`] is one step (claim, run, record) that tests can drive directly.
+//! [`WorkerPool`] runs N loops of it. An idle worker waits on the queue's notification or on
+//! a timer for the earliest delayed job, never on a polling sleep.
+//!
+//! Retries: only transient errors (upstream 408/429/5xx, connect errors, timeouts) are
+//! retried, after an exponential backoff from `backoff_base` (2 s, 4 s, ...); an upstream
+//! `Retry-After` longer than that wins; both are capped at `backoff_cap` (60 s). The store
+//! enforces `max_attempts`.
+//!
+//! When the upstream gives up for good, [`FailurePolicy`] decides: `Fail` (the default, as the
+//! replaced system did) ends the job `failed` with `openai_error`; `Fallback` completes it with
+//! the personality's canned reply, marked `used_fallback: true`.
+//!
+//! Shutdown: the pool's cancellation token stops the loops from claiming; a job already
+//! claimed runs to its end. [`WorkerPool::shutdown`] waits for that up to a deadline and then
+//! aborts what is left; those jobs stay `active` on disk and are recovered at the next start.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::bot::{BotError, ChatBot, UpstreamError};
+use crate::clock::{Millis, SharedClock};
+use crate::metrics::Metrics;
+use crate::store::{FailOutcome, Job, JobQueue, StoreError};
+
+/// What to do when the upstream keeps failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FailurePolicy {
+    /// End the job `failed` with `openai_error`.
+    #[default]
+    Fail,
+    /// Complete the job with the canned fallback reply.
+    Fallback,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub workers: usize,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub on_upstream_failure: FailurePolicy,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            workers: 5,
+            backoff_base: Duration::from_secs(2),
+            backoff_cap: Duration::from_secs(60),
+            on_upstream_failure: FailurePolicy::Fail,
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone)]
+pub enum Processed {
+    /// Nothing was due (or the queue is paused).
+    Empty,
+    Completed(Job),
+    /// The attempt failed and the job runs again at `at`.
+    Retried { job: Job, at: Millis },
+    Failed(Job),
+}
+
+/// The delay before the next attempt, after `attempts_made` attempts.
+pub fn backoff_delay(
+    base: Duration,
+    cap: Duration,
+    attempts_made: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let exponent = attempts_made.saturating_sub(1).min(20);
+    let exponential = base.saturating_mul(1 << exponent);
+    exponential.max(retry_after.unwrap_or_default()).min(cap)
+}
+
+/// One worker's logic, shared by every loop of the pool.
+pub struct Worker {
+    queue: Arc<dyn JobQueue>,
+    bot: Arc<ChatBot>,
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
+    config: WorkerConfig,
+}
+
+fn upstream_status_label(result: &Result<crate::store::JobResult, BotError>) -> Option<String> {
+    match result {
+        Ok(r) if r.used_fallback => None,
+        Ok(_) => Some("200".to_owned()),
+        Err(BotError::MissingPrompt) => None,
+        Err(BotError::Upstream(e)) => Some(match e {
+            UpstreamError::Status { status, .. } => status.to_string(),
+            UpstreamError::Timeout(_) => "timeout".to_owned(),
+            UpstreamError::Connect(_) => "connect_error".to_owned(),
+            UpstreamError::InvalidResponse(_) => "invalid_response".to_owned(),
+        }),
+    }
+}
+
+impl Worker {
+    pub fn new(
+        queue: Arc<dyn JobQueue>,
+        bot: Arc<ChatBot>,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+        config: WorkerConfig,
+    ) -> Self {
+        Self {
+            queue,
+            bot,
+            metrics,
+            clock,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Claims one due job, runs it and records the outcome.
+    pub async fn process_next(&self) -> Result<Processed, StoreError> {
+        let Some(job) = self.queue.claim()? else {
+            return Ok(Processed::Empty);
+        };
+        let span = tracing::info_span!(
+            "job",
+            job_id = %job.id,
+            user_id = %job.user_id,
+            attempt = job.attempts + 1,
+            request_id = job.request_id.as_deref().unwrap_or("-"),
+        );
+        self.run(job).instrument(span).await
+    }
+
+    async fn run(&self, job: Job) -> Result<Processed, StoreError> {
+        let now = self.clock.now_ms();
+        let due = job.run_at.max(job.created_at);
+        self.metrics
+            .queue_wait
+            .observe(now.saturating_sub(due) as f64 / 1_000.0);
+        let started = Instant::now();
+        let outcome = self.bot.ask(&job).await;
+        let elapsed = started.elapsed();
+        self.metrics.job_duration.observe(elapsed.as_secs_f64());
+        if let Some(status) = upstream_status_label(&outcome) {
+            self.metrics
+                .upstream_request(&status, elapsed.as_secs_f64());
+        }
+        let error = match outcome {
+            Ok(result) => return self.complete(job, result).await,
+            Err(error) => error,
+        };
+        let attempts_made = job.attempts + 1;
+        let has_attempts_left = attempts_made < job.max_attempts;
+        if error.is_transient() && has_attempts_left {
+            let delay = backoff_delay(
+                self.config.backoff_base,
+                self.config.backoff_cap,
+                attempts_made,
+                error.retry_after(),
+            );
+            let (job, outcome) = self
+                .queue
+                .fail(job.id, error.to_job_error(), Some(delay.as_millis() as u64))
+                .await?;
+            if let FailOutcome::Retrying { at } = outcome {
+                self.metrics.jobs_retried.inc();
+                tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
+                return Ok(Processed::Retried { job, at });
+            }
+            return Ok(self.failed(job));
+        }
+        if self.config.on_upstream_failure == FailurePolicy::Fallback
+            && matches!(error, BotError::Upstream(_))
+        {
+            tracing::warn!(error = %error, "upstream gave up; answering with the fallback reply");
+            let result = self.bot.fallback_result(&job);
+            return self.complete(job, result).await;
+        }
+        tracing::warn!(error = %error, "job failed");
+        let (job, _) = self.queue.fail(job.id, error.to_job_error(), None).await?;
+        Ok(self.failed(job))
+    }
+
+    async fn complete(&self, job: Job, result: crate::store::JobResult) -> Result<Processed, StoreError> {
+        let used_fallback = result.used_fallback;
+        let done = self.queue.complete(job.id, result).await?;
+        self.metrics.job_completed(used_fallback);
+        tracing::info!(used_fallback, "job completed");
+        Ok(Processed::Completed(done))
+    }
+
+    fn failed(&self, job: Job) -> Processed {
+        let code = job.error.as_ref().map_or("unknown", |e| e.code.as_str());
+        self.metrics.job_failed(code);
+        Processed::Failed(job)
+    }
+
+    /// How long an idle worker may sleep before a delayed job is due.
+    fn idle_wait(&self) -> Option<Duration> {
+        match self.queue.next_due() {
+            Ok(Some(due)) => Some(Duration::from_millis(
+                due.saturating_sub(self.clock.now_ms()),
+            )),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the delayed queue failed");
+                Some(Duration::from_secs(1))
+            }
+        }
+    }
+}
+
+/// N worker loops and the token that stops them.
+pub struct WorkerPool {
+    tasks: JoinSet<()>,
+    stop: CancellationToken,
+}
+
+impl WorkerPool {
+    /// Starts `worker.config().workers` loops; they stop claiming when `stop` is cancelled.
+    pub fn spawn(worker: Arc<Worker>, stop: CancellationToken) -> Self {
+        let mut tasks = JoinSet::new();
+        for n in 0..worker.config.workers.max(1) {
+            let worker = Arc::clone(&worker);
+            let stop = stop.clone();
+            tasks.spawn(async move { run_loop(n, &worker, &stop).await });
+        }
+        Self { tasks, stop }
+    }
+
+    /// Number of loops still running.
+    pub fn running(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Stops claiming, waits up to `deadline` for jobs in flight, then aborts the rest.
+    /// Returns how many loops had to be aborted (their jobs are recovered at the next start).
+    pub async fn shutdown(mut self, deadline: Duration) -> usize {
+        self.stop.cancel();
+        let drained = tokio::time::timeout(deadline, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_ok() {
+            return 0;
+        }
+        let left = self.tasks.len();
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        left
+    }
+}
+
+async fn run_loop(n: usize, worker: &Worker, stop: &CancellationToken) {
+    tracing::debug!(worker = n, "worker started");
+    while !stop.is_cancelled() {
+        // Register for the wake-up before looking for work, so a push that lands between an
+        // empty claim and the wait is not missed.
+        let notified = worker.queue.work_signal().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match worker.process_next().await {
+            Ok(Processed::Empty) => {
+                let timer = async {
+                    match worker.idle_wait() {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = timer => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(worker = n, error = %e, "worker step failed; pausing for a second");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }
+    }
+    tracing::debug!(worker = n, "worker stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_base_and_retry_after_wins_up_to_the_cap() {
+        let base = Duration::from_secs(2);
+        let cap = Duration::from_secs(60);
+        assert_eq!(backoff_delay(base, cap, 1, None), Duration::from_secs(2));
+        assert_eq!(backoff_delay(base, cap, 2, None), Duration::from_secs(4));
+        assert_eq!(backoff_delay(base, cap, 3, None), Duration::from_secs(8));
+        assert_eq!(
+            backoff_delay(base, cap, 1, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            backoff_delay(base, cap, 2, Some(Duration::from_secs(1))),
+            Duration::from_secs(4),
+            "a shorter Retry-After does not shorten the backoff"
+        );
+        assert_eq!(
+            backoff_delay(base, cap, 1, Some(Duration::from_secs(600))),
+            cap
+        );
+        assert_eq!(backoff_delay(base, cap, 40, None), cap);
+    }
+}
