@@ -32,3 +32,216 @@ impl fmt::Display for Secret {
         f.write_str("[redacted]")
     }
 }
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::bot::UpstreamConfig;
+use crate::cli::{DurabilityArg, ServeArgs};
+use crate::store::{Durability, LogRetention, StoreOptions};
+use crate::worker::WorkerConfig;
+
+/// A configuration value that was refused; the message names the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for {flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+fn refuse(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// Everything `chatq serve` needs, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store: StoreOptions,
+    pub worker: WorkerConfig,
+    pub max_attempts: u32,
+    pub rate_limit: NonZeroU32,
+    pub rate_window: Duration,
+    pub max_prompt_chars: usize,
+    pub shutdown_timeout: Duration,
+    pub body_limit: usize,
+    pub api_token: Option<Secret>,
+    pub admin_token: Option<Secret>,
+    /// `None` when no API key is configured: offline mode with fallback replies.
+    pub upstream: Option<UpstreamConfig>,
+    /// The model name, also when offline (for `/v1/models` and logs).
+    pub model: String,
+    pub max_concurrent_requests: usize,
+    pub request_timeout: Duration,
+}
+
+fn token(flag: &'static str, value: Option<String>) -> Result<Option<Secret>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.trim().is_empty() => Err(refuse(flag, "the token must not be empty")),
+        Some(v) if v.chars().any(|c| c.is_whitespace() || c.is_control()) => Err(refuse(
+            flag,
+            "the token must not contain spaces or control characters",
+        )),
+        Some(v) => Ok(Some(Secret::new(v))),
+    }
+}
+
+impl Config {
+    /// Defaults for a store in `data_dir`: the documented defaults, no upstream, no tokens.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            store: StoreOptions::new(data_dir),
+            worker: WorkerConfig::default(),
+            max_attempts: 3,
+            rate_limit: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+            rate_window: Duration::from_secs(60),
+            max_prompt_chars: 2000,
+            shutdown_timeout: Duration::from_secs(30),
+            body_limit: 65_536,
+            api_token: None,
+            admin_token: None,
+            upstream: None,
+            model: "gpt-4o-mini".to_owned(),
+            max_concurrent_requests: 1024,
+            request_timeout: Duration::from_secs(90),
+        }
+    }
+
+    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
+        let base_url = reqwest::Url::parse(&args.openai_base_url)
+            .map_err(|e| refuse("--openai-base-url (OPENAI_BASE_URL)", e.to_string()))?;
+        if !matches!(base_url.scheme(), "http" | "https") {
+            return Err(refuse(
+                "--openai-base-url (OPENAI_BASE_URL)",
+                "the URL must start with http:// or https://",
+            ));
+        }
+        if args.openai_model.trim().is_empty() {
+            return Err(refuse(
+                "--openai-model (OPENAI_MODEL)",
+                "the model name is empty",
+            ));
+        }
+        if args.data_dir.as_os_str().is_empty() {
+            return Err(refuse("--data-dir", "the path is empty"));
+        }
+        let timeout = Duration::from_secs(args.upstream_timeout_secs);
+        let upstream = args
+            .openai_api_key
+            .filter(|key| !key.trim().is_empty())
+            .map(|key| UpstreamConfig {
+                base_url: args.openai_base_url.clone(),
+                api_key: Secret::new(key.trim()),
+                model: args.openai_model.clone(),
+                timeout,
+            });
+        let mut store = StoreOptions::new(args.data_dir);
+        store.durability = match args.durability {
+            DurabilityArg::Strict => Durability::Strict,
+            DurabilityArg::Relaxed => Durability::Relaxed,
+        };
+        store.keep_completed = args.keep_completed;
+        store.keep_failed = args.keep_failed;
+        store.log_retention = LogRetention {
+            max_entries: args.log_max_entries,
+            max_age_ms: args.log_max_age_days.map(|d| d.saturating_mul(86_400_000)),
+        };
+        Ok(Self {
+            listen: args.listen,
+            store,
+            worker: WorkerConfig {
+                workers: args.workers as usize,
+                backoff_base: Duration::from_millis(args.backoff_ms),
+                backoff_cap: Duration::from_secs(60),
+                on_upstream_failure: args.on_upstream_failure,
+            },
+            max_attempts: args.max_attempts,
+            rate_limit: NonZeroU32::new(args.rate_limit)
+                .ok_or_else(|| refuse("--rate-limit", "must be at least 1"))?,
+            rate_window: Duration::from_secs(args.rate_window_secs),
+            max_prompt_chars: args.max_prompt_chars as usize,
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+            body_limit: args.body_limit_bytes as usize,
+            api_token: token("--api-token", args.api_token)?,
+            admin_token: token("--admin-token", args.admin_token)?,
+            upstream,
+            model: args.openai_model,
+            max_concurrent_requests: args.max_concurrent_requests as usize,
+            request_timeout: Duration::from_secs(args.request_timeout_secs),
+        })
+    }
+
+    /// Admin routes are on when an admin token guards them, or when chatq listens only on
+    /// loopback (nobody else can reach them).
+    pub fn admin_enabled(&self) -> bool {
+        self.admin_token.is_some() || self.listen.ip().is_loopback()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["chatq", "serve"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        match cli.command {
+            crate::cli::Command::Serve(a) => Config::from_args(*a).map_err(|e| e.to_string()),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("sk-very-secret");
+        assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
+        let mut c = Config::new("x");
+        c.api_token = Some(s);
+        assert!(!format!("{c:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn invalid_values_name_the_flag() {
+        let err = parse(&["--workers", "0"]).unwrap_err();
+        assert!(err.contains("--workers"), "{err}");
+        let err = parse(&["--listen", "nope"]).unwrap_err();
+        assert!(err.contains("--listen"), "{err}");
+        let err = parse(&["--openai-base-url", "ftp://x"]).unwrap_err();
+        assert!(err.contains("--openai-base-url"), "{err}");
+        let err = parse(&["--admin-token", " "]).unwrap_err();
+        assert!(err.contains("--admin-token"), "{err}");
+        let err = parse(&["--durability", "sometimes"]).unwrap_err();
+        assert!(err.contains("--durability"), "{err}");
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.worker.workers, 5);
+        assert_eq!(c.max_attempts, 3);
+        assert_eq!(c.worker.backoff_base, Duration::from_secs(2));
+        assert_eq!((c.store.keep_completed, c.store.keep_failed), (50, 100));
+        assert_eq!((c.rate_limit.get(), c.rate_window.as_secs()), (10, 60));
+        assert_eq!(c.max_prompt_chars, 2000);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.store.durability, Durability::Strict);
+        assert_eq!(c.body_limit, 65_536);
+        assert!(c.admin_enabled(), "loopback without a token");
+        let open = parse(&["--listen", "0.0.0.0:8080"]).unwrap();
+        assert!(
+            !open.admin_enabled(),
+            "public address without an admin token"
+        );
+    }
+}

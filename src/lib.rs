@@ -2,17 +2,30 @@
 //!
 //! # Layout
 //!
+//! - [`cli`]: clap argument structs only (every `serve` flag has an environment fallback).
+//! - [`config`]: typed, validated configuration built from the CLI; secrets never print.
+//! - [`app`]: wires store, limiter, bot, workers and router; [`app::run`] serves until the
+//!   shutdown token fires, then shuts down in documented phases.
 //! - [`clock`]: the time as the queue sees it (injectable for tests).
-//! - [`config`]: typed, validated configuration; secrets that never print.
 //! - [`store`]: the durable job queue and interaction log on sled, behind [`store::JobQueue`].
 //! - [`validate`]: message validation rules, single and bulk.
+//! - [`limiter`]: the per-user governor limiter and its numbers for the headers.
 //! - [`bot`]: the chat bot: prompts, personalities, the OpenAI-compatible client, fallbacks.
+//! - [`worker`]: the worker pool: claim, run, retry with backoff, complete.
+//! - [`http`]: routes (one file per resource) and the one API error type.
+//! - [`metrics`], [`telemetry`]: Prometheus metrics; tracing setup.
+//! - [`client`]: the client subcommands (`submit`, `job`, `stats`, `validate`, `interactions`).
 
+pub mod app;
 pub mod bot;
+pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
-pub mod store;
-pub mod validate;
+pub mod http;
 pub mod limiter;
 pub mod metrics;
+pub mod store;
+pub mod telemetry;
+pub mod validate;
 pub mod worker;

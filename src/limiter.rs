@@ -140,7 +140,11 @@ mod tests {
         let refused = l.check("alice");
         assert!(!refused.allowed);
         assert_eq!(refused.remaining, 0);
-        assert_eq!(refused.retry_after_secs, Some(6), "one request back every 6 s");
+        assert_eq!(
+            refused.retry_after_secs,
+            Some(6),
+            "one request back every 6 s"
+        );
         assert!(l.check("bob").allowed, "another user is not affected");
     }
 

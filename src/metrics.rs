@@ -95,20 +95,76 @@ impl Metrics {
             store_flushes: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("jobs_accepted", "Jobs accepted by the front door", m.jobs_accepted.clone());
-        registry.register("jobs_completed", "Jobs completed, by whether the reply was a fallback", m.jobs_completed.clone());
-        registry.register("jobs_failed", "Jobs failed for good, by error code", m.jobs_failed.clone());
-        registry.register("jobs_retried", "Job attempts that failed and were scheduled again", m.jobs_retried.clone());
-        registry.register("queue_depth", "Jobs in the store by state", m.queue_depth.clone());
-        registry.register("queue_wait_seconds", "Time from a job becoming due to a worker claiming it", m.queue_wait.clone());
-        registry.register("job_duration_seconds", "Time a worker spent on one attempt", m.job_duration.clone());
-        registry.register("upstream_requests", "Upstream chat completion requests by HTTP status (or error kind)", m.upstream_requests.clone());
-        registry.register("upstream_latency_seconds", "Upstream chat completion latency", m.upstream_latency.clone());
-        registry.register("rate_limited_requests", "Requests refused by the per-user rate limit", m.rate_limited.clone());
-        registry.register("validation_rejected_requests", "Requests refused by message validation", m.validation_rejected.clone());
-        registry.register("http_requests", "HTTP requests by route and status", m.http_requests.clone());
-        registry.register("interaction_log_failures", "Interaction-log entries that could not be written", m.log_failures.clone());
-        registry.register("store_flushes", "Group-commit flushes of the store", m.store_flushes.clone());
+        registry.register(
+            "jobs_accepted",
+            "Jobs accepted by the front door",
+            m.jobs_accepted.clone(),
+        );
+        registry.register(
+            "jobs_completed",
+            "Jobs completed, by whether the reply was a fallback",
+            m.jobs_completed.clone(),
+        );
+        registry.register(
+            "jobs_failed",
+            "Jobs failed for good, by error code",
+            m.jobs_failed.clone(),
+        );
+        registry.register(
+            "jobs_retried",
+            "Job attempts that failed and were scheduled again",
+            m.jobs_retried.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Jobs in the store by state",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time from a job becoming due to a worker claiming it",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "job_duration_seconds",
+            "Time a worker spent on one attempt",
+            m.job_duration.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Upstream chat completion requests by HTTP status (or error kind)",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Upstream chat completion latency",
+            m.upstream_latency.clone(),
+        );
+        registry.register(
+            "rate_limited_requests",
+            "Requests refused by the per-user rate limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "validation_rejected_requests",
+            "Requests refused by message validation",
+            m.validation_rejected.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "interaction_log_failures",
+            "Interaction-log entries that could not be written",
+            m.log_failures.clone(),
+        );
+        registry.register(
+            "store_flushes",
+            "Group-commit flushes of the store",
+            m.store_flushes.clone(),
+        );
         Self { registry, ..m }
     }
 

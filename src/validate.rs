@@ -223,7 +223,10 @@ mod tests {
         let cases: Vec<(Value, Result<&str, ValidationError>)> = vec![
             (json!("just a string"), Err(InvalidFormat)),
             (json!(null), Err(InvalidFormat)),
-            (json!([{"role": "user", "content": "hi"}]), Err(InvalidFormat)),
+            (
+                json!([{"role": "user", "content": "hi"}]),
+                Err(InvalidFormat),
+            ),
             (json!(42), Err(InvalidFormat)),
             (json!({"content": "hi"}), Err(InvalidRole)),
             (json!({"role": "system", "content": "hi"}), Err(InvalidRole)),
@@ -231,25 +234,64 @@ mod tests {
             (json!({"role": 1, "content": "hi"}), Err(InvalidRole)),
             (json!({"role": "user"}), Err(ContentRequired)),
             (json!({"role": "user", "content": 5}), Err(ContentRequired)),
-            (json!({"role": "user", "content": null}), Err(ContentRequired)),
+            (
+                json!({"role": "user", "content": null}),
+                Err(ContentRequired),
+            ),
             (json!({"role": "user", "content": ""}), Err(ContentRequired)),
-            (json!({"role": "user", "content": " \n\t "}), Err(ContentRequired)),
-            (json!({"role": "user", "content": long(10_000)}), Ok("10000")),
-            (json!({"role": "user", "content": long(10_001)}), Err(TooLong)),
+            (
+                json!({"role": "user", "content": " \n\t "}),
+                Err(ContentRequired),
+            ),
+            (
+                json!({"role": "user", "content": long(10_000)}),
+                Ok("10000"),
+            ),
+            (
+                json!({"role": "user", "content": long(10_001)}),
+                Err(TooLong),
+            ),
             // Counted before trimming: 9999 letters plus two spaces is too long.
-            (json!({"role": "user", "content": format!(" {} ", long(9_999))}), Err(TooLong)),
+            (
+                json!({"role": "user", "content": format!(" {} ", long(9_999))}),
+                Err(TooLong),
+            ),
             // Characters, not bytes: 10000 two-byte letters pass.
-            (json!({"role": "user", "content": "é".repeat(10_000)}), Ok("10000")),
-            (json!({"role": "user", "content": "<ScRiPt>alert(1)"}), Err(Unsafe)),
-            (json!({"role": "user", "content": "go to JavaScript:void(0)"}), Err(Unsafe)),
-            (json!({"role": "user", "content": "DATA:TEXT/HTML,<b>"}), Err(Unsafe)),
-            (json!({"role": "assistant", "content": "VbScRiPt:msgbox"}), Err(Unsafe)),
+            (
+                json!({"role": "user", "content": "é".repeat(10_000)}),
+                Ok("10000"),
+            ),
+            (
+                json!({"role": "user", "content": "<ScRiPt>alert(1)"}),
+                Err(Unsafe),
+            ),
+            (
+                json!({"role": "user", "content": "go to JavaScript:void(0)"}),
+                Err(Unsafe),
+            ),
+            (
+                json!({"role": "user", "content": "DATA:TEXT/HTML,<b>"}),
+                Err(Unsafe),
+            ),
+            (
+                json!({"role": "assistant", "content": "VbScRiPt:msgbox"}),
+                Err(Unsafe),
+            ),
             // The role is checked before the content: a bad role wins over bad content.
-            (json!({"role": "bot", "content": "<script>"}), Err(InvalidRole)),
+            (
+                json!({"role": "bot", "content": "<script>"}),
+                Err(InvalidRole),
+            ),
             // Length is checked before the patterns.
-            (json!({"role": "user", "content": format!("<script>{}", long(10_000))}), Err(TooLong)),
+            (
+                json!({"role": "user", "content": format!("<script>{}", long(10_000))}),
+                Err(TooLong),
+            ),
             (json!({"role": "user", "content": "  hello  "}), Ok("hello")),
-            (json!({"role": "assistant", "content": "I <3 my script, x < y"}), Ok("I <3 my script, x < y")),
+            (
+                json!({"role": "assistant", "content": "I <3 my script, x < y"}),
+                Ok("I <3 my script, x < y"),
+            ),
         ];
         for (input, expected) in cases {
             let got = check(input.clone());
@@ -290,11 +332,11 @@ mod tests {
     fn system_role_only_when_allowed() {
         let v = Validator::new();
         let msg = json!({"role": "system", "content": "be brief"});
-        assert_eq!(v.message_parts(&msg, false), Err(ValidationError::InvalidRole));
         assert_eq!(
-            v.message_parts(&msg, true),
-            Ok((Role::System, "be brief"))
+            v.message_parts(&msg, false),
+            Err(ValidationError::InvalidRole)
         );
+        assert_eq!(v.message_parts(&msg, true), Ok((Role::System, "be brief")));
     }
 
     #[test]
@@ -316,8 +358,14 @@ mod tests {
                 errors: 2
             }
         );
-        assert_eq!(out.results[1].error.as_deref(), Some("Invalid message role"));
-        assert_eq!(out.results[3].error.as_deref(), Some("Invalid message format"));
+        assert_eq!(
+            out.results[1].error.as_deref(),
+            Some("Invalid message role")
+        );
+        assert_eq!(
+            out.results[3].error.as_deref(),
+            Some("Invalid message format")
+        );
         assert_eq!(
             out.results[2].validated_message.as_ref().unwrap().content,
             "fine"

@@ -65,7 +65,10 @@ pub enum Processed {
     Empty,
     Completed(Job),
     /// The attempt failed and the job runs again at `at`.
-    Retried { job: Job, at: Millis },
+    Retried {
+        job: Job,
+        at: Millis,
+    },
     Failed(Job),
 }
 
@@ -190,7 +193,11 @@ impl Worker {
         Ok(self.failed(job))
     }
 
-    async fn complete(&self, job: Job, result: crate::store::JobResult) -> Result<Processed, StoreError> {
+    async fn complete(
+        &self,
+        job: Job,
+        result: crate::store::JobResult,
+    ) -> Result<Processed, StoreError> {
         let used_fallback = result.used_fallback;
         let done = self.queue.complete(job.id, result).await?;
         self.metrics.job_completed(used_fallback);

@@ -74,7 +74,11 @@ pub struct ChatBot {
 
 impl ChatBot {
     /// `upstream` is `None` when no API key is configured: every job gets a fallback reply.
-    pub fn new(upstream: Option<Upstream>, personalities: Personalities, clock: SharedClock) -> Self {
+    pub fn new(
+        upstream: Option<Upstream>,
+        personalities: Personalities,
+        clock: SharedClock,
+    ) -> Self {
         Self {
             upstream,
             personalities,
@@ -101,7 +105,9 @@ impl ChatBot {
     /// The canned reply for a job (offline mode, or after the upstream gave up for good when
     /// the operator chose to fall back).
     pub fn fallback_result(&self, job: &Job) -> JobResult {
-        let personality = self.personalities.resolve(job.request.personality.as_deref());
+        let personality = self
+            .personalities
+            .resolve(job.request.personality.as_deref());
         JobResult {
             reply: fallback::reply_for(personality).to_owned(),
             used_fallback: true,
@@ -121,7 +127,9 @@ impl ChatBot {
         let Some(upstream) = &self.upstream else {
             return Ok(self.fallback_result(job));
         };
-        let personality = self.personalities.resolve(job.request.personality.as_deref());
+        let personality = self
+            .personalities
+            .resolve(job.request.personality.as_deref());
         let mut request = job.request.clone();
         request.prompt = prompt.to_owned();
         let messages = prompt::build_messages(job.guild_id.as_deref(), personality, &request);

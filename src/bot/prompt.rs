@@ -62,7 +62,11 @@ mod tests {
             prompt: "now".into(),
             history: (0..history)
                 .map(|i| Message {
-                    role: if i % 2 == 0 { Role::User } else { Role::Assistant },
+                    role: if i % 2 == 0 {
+                        Role::User
+                    } else {
+                        Role::Assistant
+                    },
                     content: format!("h{i}"),
                 })
                 .collect(),

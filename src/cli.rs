@@ -1,0 +1,221 @@
+//! Command-line arguments (clap). Argument structs only: every `serve` flag has an
+//! environment fallback, and numbers are range-checked here so a bad value is refused at
+//! start with the flag's name. Turning them into a [`crate::config::Config`] happens there.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::worker::FailurePolicy;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chatq",
+    version,
+    about = "A chat bot backend in one binary: HTTP API, durable job queue, workers, OpenAI-compatible upstream"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, env = "CHATQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, such as `info` or `chatq=debug` (RUST_LOG takes precedence when set).
+    #[arg(long, env = "CHATQ_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    /// Acknowledge a job only once it is flushed to disk.
+    Strict,
+    /// Acknowledge before the flush; a crash can lose the last ~0.5 s of acknowledged jobs.
+    Relaxed,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server: HTTP API, queue and workers.
+    Serve(Box<ServeArgs>),
+    /// Submit a chat job to a running server and print it.
+    Submit(SubmitArgs),
+    /// Show one job.
+    Job(JobArgs),
+    /// Show the queue counts (admin).
+    Stats(ClientArgs),
+    /// Validate a message with the server's rules.
+    Validate(ValidateArgs),
+    /// Export the interaction log as JSON lines (admin).
+    Interactions(InteractionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the log says which).
+    #[arg(long, env = "CHATQ_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory of the embedded database.
+    #[arg(long, env = "CHATQ_DATA_DIR", default_value = "data/db")]
+    pub data_dir: PathBuf,
+    /// Number of workers calling the upstream at once.
+    #[arg(long, env = "CHATQ_WORKERS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+    /// Attempts per job before it fails.
+    #[arg(long, env = "CHATQ_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds; doubles with each attempt (capped at 60 s).
+    #[arg(long, env = "CHATQ_BACKOFF_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub backoff_ms: u64,
+    /// Completed job records to keep.
+    #[arg(long, env = "CHATQ_KEEP_COMPLETED", default_value_t = 50)]
+    pub keep_completed: u64,
+    /// Failed (and cancelled) job records to keep.
+    #[arg(long, env = "CHATQ_KEEP_FAILED", default_value_t = 100)]
+    pub keep_failed: u64,
+    /// Requests per user per window.
+    #[arg(long, env = "CHATQ_RATE_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit: u32,
+    /// Rate-limit window in seconds.
+    #[arg(long, env = "CHATQ_RATE_WINDOW_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub rate_window_secs: u64,
+    /// Longest prompt accepted by the chat-job routes, in characters.
+    #[arg(long, env = "CHATQ_MAX_PROMPT_CHARS", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_prompt_chars: u32,
+    /// Upstream request timeout in seconds.
+    #[arg(long, env = "CHATQ_UPSTREAM_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub upstream_timeout_secs: u64,
+    /// How long shutdown waits for jobs in flight, in seconds.
+    #[arg(long, env = "CHATQ_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    pub shutdown_timeout_secs: u64,
+    /// When a submitted job is acknowledged.
+    #[arg(long, env = "CHATQ_DURABILITY", value_enum, default_value_t = DurabilityArg::Strict)]
+    pub durability: DurabilityArg,
+    /// Largest request body in bytes.
+    #[arg(long, env = "CHATQ_BODY_LIMIT_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u64).range(1024..=16_777_216))]
+    pub body_limit_bytes: u64,
+    /// Bearer token required on the chat routes (none: open).
+    #[arg(long, env = "CHATQ_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Bearer token required on the admin routes.
+    #[arg(long, env = "CHATQ_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// API key of the OpenAI-compatible upstream; without one, replies are canned fallbacks.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+    /// Base URL of the OpenAI-compatible API.
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
+    pub openai_base_url: String,
+    /// Model name sent upstream.
+    #[arg(long, env = "OPENAI_MODEL", default_value = "gpt-4o-mini")]
+    pub openai_model: String,
+    /// What a job whose upstream keeps failing becomes.
+    #[arg(long, env = "CHATQ_ON_UPSTREAM_FAILURE", value_enum, default_value_t = FailurePolicy::Fail)]
+    pub on_upstream_failure: FailurePolicy,
+    /// Keep at most this many interaction-log entries (default: no limit).
+    #[arg(long, env = "CHATQ_LOG_MAX_ENTRIES")]
+    pub log_max_entries: Option<u64>,
+    /// Drop interaction-log entries older than this many days (default: keep).
+    #[arg(long, env = "CHATQ_LOG_MAX_AGE_DAYS")]
+    pub log_max_age_days: Option<u64>,
+    /// Requests handled at once; more wait their turn.
+    #[arg(long, env = "CHATQ_MAX_CONCURRENT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_requests: u32,
+    /// Per-request time limit in seconds (long-polls end earlier, at 60 s).
+    #[arg(long, env = "CHATQ_REQUEST_TIMEOUT_SECS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(61..=3_600))]
+    pub request_timeout_secs: u64,
+}
+
+/// Where a client subcommand finds the server.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Base URL of the chatq server.
+    #[arg(long, env = "CHATQ_URL", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Client bearer token.
+    #[arg(long, env = "CHATQ_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Admin bearer token (for stats and interactions).
+    #[arg(long, env = "CHATQ_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The user the job is for (rate limits are per user).
+    #[arg(long, default_value = "cli")]
+    pub user: String,
+    /// Guild (community) id.
+    #[arg(long)]
+    pub guild: Option<String>,
+    /// Personality preset.
+    #[arg(long)]
+    pub personality: Option<String>,
+    /// Priority: 0 runs first, higher numbers later.
+    #[arg(long)]
+    pub priority: Option<u32>,
+    /// Run no sooner than this many milliseconds from now.
+    #[arg(long)]
+    pub delay_ms: Option<u64>,
+    /// Submitting the same key again returns the first job.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Wait up to this many seconds for the answer.
+    #[arg(long)]
+    pub wait: Option<u64>,
+    /// The prompt.
+    pub prompt: String,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Wait up to this many seconds for the job to finish.
+    #[arg(long)]
+    pub wait: Option<u64>,
+    /// The job id.
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Message role.
+    #[arg(long, default_value = "user")]
+    pub role: String,
+    /// The message text.
+    pub text: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InteractionsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub guild: Option<String>,
+    /// Only entries at or after this time (RFC 3339 or milliseconds since the epoch).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only entries before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Stop after this many entries (default: all).
+    #[arg(long)]
+    pub max: Option<usize>,
+}

@@ -1,0 +1,290 @@
+//! The one API error type. Every failure the HTTP API reports, including axum's own
+//! rejections, renders as `{"error": {"message", "type", "code", "param"}}` (the OpenAI
+//! shape) with the matching status. Client errors say what was wrong; server errors say
+//! little to the client and everything to the log.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::store::StoreError;
+use crate::validate::ValidationError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// 400: the request is malformed or names something that does not exist.
+    BadRequest {
+        message: String,
+        code: &'static str,
+        param: Option<String>,
+    },
+    /// 401: no token, or a token that is not valid here.
+    Unauthorized,
+    /// 403: a valid token without the right to this route, or admin routes disabled.
+    Forbidden { message: String, code: &'static str },
+    /// 404: an unknown job or route.
+    NotFound { message: String, code: &'static str },
+    /// 405
+    MethodNotAllowed,
+    /// 408: the request took longer than the request timeout.
+    Timeout,
+    /// 409: the job is not in a state that allows this.
+    Conflict { message: String },
+    /// 413
+    PayloadTooLarge,
+    /// 415
+    UnsupportedMediaType,
+    /// 422: well-formed input that breaks a content rule.
+    Validation {
+        message: String,
+        code: &'static str,
+        param: Option<String>,
+    },
+    /// 429: the per-user limit; `retry_after` in seconds.
+    RateLimited { retry_after: u64 },
+    /// 500
+    Internal,
+    /// 503: the store cannot write, or chatq is shutting down.
+    Unavailable { message: String },
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: &'a str,
+    param: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn bad_request(
+        code: &'static str,
+        message: impl Into<String>,
+        param: Option<&str>,
+    ) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            code,
+            param: param.map(str::to_owned),
+        }
+    }
+
+    pub fn job_not_found() -> Self {
+        Self::NotFound {
+            message: "Job not found".to_owned(),
+            code: "job_not_found",
+        }
+    }
+
+    /// A content-rule failure: the validation message verbatim.
+    pub fn validation(e: ValidationError, param: Option<String>) -> Self {
+        Self::Validation {
+            message: e.to_string(),
+            code: e.code(),
+            param: param.or_else(|| e.param().map(str::to_owned)),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn parts(&self) -> (String, &'static str, &str, Option<&str>) {
+        match self {
+            Self::BadRequest {
+                message,
+                code,
+                param,
+            } => (
+                message.clone(),
+                "invalid_request_error",
+                code,
+                param.as_deref(),
+            ),
+            Self::Unauthorized => (
+                "Missing or invalid bearer token".to_owned(),
+                "authentication_error",
+                "invalid_token",
+                None,
+            ),
+            Self::Forbidden { message, code } => (message.clone(), "permission_error", code, None),
+            Self::NotFound { message, code } => {
+                (message.clone(), "invalid_request_error", code, None)
+            }
+            Self::MethodNotAllowed => (
+                "Method not allowed on this route".to_owned(),
+                "invalid_request_error",
+                "method_not_allowed",
+                None,
+            ),
+            Self::Timeout => (
+                "The request took too long".to_owned(),
+                "timeout_error",
+                "request_timeout",
+                None,
+            ),
+            Self::Conflict { message } => {
+                (message.clone(), "invalid_request_error", "conflict", None)
+            }
+            Self::PayloadTooLarge => (
+                "Request body is too large".to_owned(),
+                "invalid_request_error",
+                "body_too_large",
+                None,
+            ),
+            Self::UnsupportedMediaType => (
+                "Expected a JSON body with Content-Type: application/json".to_owned(),
+                "invalid_request_error",
+                "unsupported_media_type",
+                None,
+            ),
+            Self::Validation {
+                message,
+                code,
+                param,
+            } => (
+                message.clone(),
+                "invalid_request_error",
+                code,
+                param.as_deref(),
+            ),
+            Self::RateLimited { retry_after } => (
+                format!("Rate limit exceeded; try again in {retry_after} seconds"),
+                "rate_limit_error",
+                "rate_limited",
+                None,
+            ),
+            Self::Internal => (
+                "Internal server error".to_owned(),
+                "server_error",
+                "internal_error",
+                None,
+            ),
+            Self::Unavailable { message } => {
+                (message.clone(), "server_error", "service_unavailable", None)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let (message, kind, code, param) = self.parts();
+        let body = Body {
+            error: Detail {
+                message: &message,
+                kind,
+                code,
+                param,
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        match &self {
+            Self::RateLimited { retry_after } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            Self::Unauthorized => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(_) => Self::job_not_found(),
+            StoreError::Conflict { .. } => Self::Conflict {
+                message: e.to_string(),
+            },
+            StoreError::Storage(_)
+            | StoreError::Flush(_)
+            | StoreError::Locked { .. }
+            | StoreError::Open { .. } => {
+                tracing::error!(error = %e, "store failure");
+                Self::Unavailable {
+                    message: "The job store cannot write right now; try again later".to_owned(),
+                }
+            }
+            StoreError::Codec(_) => {
+                tracing::error!(error = %e, "unreadable record");
+                Self::Internal
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType,
+            JsonRejection::JsonSyntaxError(e) => Self::bad_request(
+                "invalid_json",
+                format!("Malformed JSON: {}", e.body_text()),
+                None,
+            ),
+            JsonRejection::JsonDataError(e) => Self::bad_request(
+                "invalid_request",
+                format!("Invalid request body: {}", e.body_text()),
+                None,
+            ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            other => Self::bad_request("invalid_request", other.body_text(), None),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request(
+            "invalid_query",
+            format!("Invalid query string: {}", rejection.body_text()),
+            None,
+        )
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(_: PathRejection) -> Self {
+        Self::job_not_found()
+    }
+}
+
+/// `Json<T>` whose rejection is an [`ApiError`].
+#[derive(Debug, axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// `Query<T>` whose rejection is an [`ApiError`].
+#[derive(Debug, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);

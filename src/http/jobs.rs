@@ -1,0 +1,463 @@
+//! `/v1/chat/jobs`: submit, read (with long-poll), cancel, admin retry and listing.
+//!
+//! Submission order: parse the body, check the user id, count the request against the
+//! user's limit, validate the rest, push. Nothing is written before every check passed.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiJson, ApiQuery};
+use super::state::AppState;
+use crate::limiter::Decision;
+use crate::store::job::{ChatRequest, Message, Role};
+use crate::store::{Job, JobError, JobResult, JobState, NewJob};
+
+/// Longest user, guild, conversation id and idempotency key, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+/// BullMQ's largest priority.
+pub const MAX_PRIORITY: u32 = 2_097_152;
+/// Longest accepted delay: one week.
+pub const MAX_DELAY_MS: u64 = 7 * 24 * 3_600 * 1_000;
+/// Longest `?wait`, in seconds.
+pub const MAX_WAIT_SECS: u64 = 60;
+
+/// A chat job submission.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    pub user_id: String,
+    #[serde(default)]
+    pub guild_id: Option<String>,
+    #[serde(default)]
+    pub conversation_id: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Alternative to `prompt`: a conversation whose last message is the user's.
+    #[serde(default)]
+    pub messages: Option<Vec<Value>>,
+    /// Earlier messages when `prompt` is used.
+    #[serde(default)]
+    pub history: Option<Vec<Value>>,
+    #[serde(default)]
+    pub personality: Option<String>,
+    #[serde(default)]
+    pub priority: Option<u32>,
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+/// Checks an id-like field: 1 to 128 characters, no control characters.
+pub fn check_id(param: &str, value: &str) -> Result<(), ApiError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_field",
+            format!("{param} is required"),
+            Some(param),
+        ));
+    }
+    if value.chars().count() > MAX_ID_CHARS
+        || value.chars().any(char::is_control)
+        || trimmed != value
+    {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!(
+                "{param} must be 1 to {MAX_ID_CHARS} characters without control characters or surrounding spaces"
+            ),
+            Some(param),
+        ));
+    }
+    Ok(())
+}
+
+fn check_optional_id(param: &str, value: &Option<String>) -> Result<(), ApiError> {
+    value.as_deref().map_or(Ok(()), |v| check_id(param, v))
+}
+
+/// Turns a checked submission into a job for the queue.
+pub fn build_job(
+    state: &AppState,
+    body: SubmitBody,
+    request_id: Option<String>,
+) -> Result<NewJob, ApiError> {
+    check_optional_id("guild_id", &body.guild_id)?;
+    check_optional_id("conversation_id", &body.conversation_id)?;
+    check_optional_id("idempotency_key", &body.idempotency_key)?;
+    let validator = &state.validator;
+    let rejected = |e, param: String| {
+        state.metrics.validation_rejected.inc();
+        ApiError::validation(e, Some(param))
+    };
+    let validate_list = |list: &[Value], name: &str| -> Result<Vec<Message>, ApiError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                validator
+                    .message_parts(v, false)
+                    .map(|(role, content)| Message {
+                        role,
+                        content: content.to_owned(),
+                    })
+                    .map_err(|e| rejected(e, format!("{name}[{i}]")))
+            })
+            .collect()
+    };
+    let (prompt, history) = match (body.prompt, body.messages) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "Give either prompt or messages, not both",
+                Some("messages"),
+            ));
+        }
+        (Some(prompt), None) => {
+            let trimmed = prompt.trim();
+            if trimmed.is_empty() {
+                return Err(missing_prompt());
+            }
+            let max = state.config.max_prompt_chars;
+            if prompt.len() > max && prompt.chars().count() > max {
+                state.metrics.validation_rejected.inc();
+                return Err(ApiError::Validation {
+                    message: format!("Prompt too long (max {max} characters)"),
+                    code: "prompt_too_long",
+                    param: Some("prompt".to_owned()),
+                });
+            }
+            if validator.is_unsafe(&prompt) {
+                return Err(rejected(
+                    crate::validate::ValidationError::Unsafe,
+                    "prompt".to_owned(),
+                ));
+            }
+            let history = validate_list(body.history.as_deref().unwrap_or_default(), "history")?;
+            (trimmed.to_owned(), history)
+        }
+        (None, Some(messages)) => {
+            if body.history.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "history goes with prompt; with messages, put the history in messages",
+                    Some("history"),
+                ));
+            }
+            let mut messages = validate_list(&messages, "messages")?;
+            match messages.pop() {
+                Some(last) if last.role == Role::User => (last.content, messages),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "missing_prompt",
+                        "The last message must be the user's prompt",
+                        Some("messages"),
+                    ));
+                }
+            }
+        }
+        (None, None) => return Err(missing_prompt()),
+    };
+    if let Some(name) = &body.personality {
+        if state.bot.personalities().get(name).is_none() {
+            let known: Vec<_> = state.bot.personalities().names().collect();
+            return Err(ApiError::bad_request(
+                "unknown_personality",
+                format!("Unknown personality {name:?}; known: {}", known.join(", ")),
+                Some("personality"),
+            ));
+        }
+    }
+    let priority = body.priority.unwrap_or(0);
+    if priority > MAX_PRIORITY {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("priority must be between 0 and {MAX_PRIORITY}"),
+            Some("priority"),
+        ));
+    }
+    let delay_ms = body.delay_ms.unwrap_or(0);
+    if delay_ms > MAX_DELAY_MS {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("delay_ms must be at most {MAX_DELAY_MS} (one week)"),
+            Some("delay_ms"),
+        ));
+    }
+    let max_attempts = body.max_attempts.unwrap_or(state.config.max_attempts);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            "max_attempts must be between 1 and 100",
+            Some("max_attempts"),
+        ));
+    }
+    Ok(NewJob {
+        user_id: body.user_id,
+        guild_id: body.guild_id,
+        conversation_id: body.conversation_id,
+        request: ChatRequest {
+            prompt,
+            history,
+            personality: body.personality,
+            temperature: None,
+            max_tokens: None,
+        },
+        priority,
+        delay_ms,
+        max_attempts,
+        idempotency_key: body.idempotency_key,
+        request_id,
+    })
+}
+
+fn missing_prompt() -> ApiError {
+    ApiError::bad_request("missing_prompt", "A prompt is required", Some("prompt"))
+}
+
+/// The request id the front door attached.
+pub fn request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Adds the rate-limit headers to any answer of a limited route.
+pub fn with_rate_headers(mut response: Response, decision: &Decision) -> Response {
+    let h = response.headers_mut();
+    h.insert("x-ratelimit-limit", HeaderValue::from(decision.limit));
+    h.insert(
+        "x-ratelimit-remaining",
+        HeaderValue::from(decision.remaining),
+    );
+    h.insert("x-ratelimit-reset", HeaderValue::from(decision.reset_secs));
+    response
+}
+
+/// Counts one request against `user`'s quota.
+pub fn limit(state: &AppState, user: &str) -> (Decision, Result<(), ApiError>) {
+    let decision = state.limiter.check(user);
+    let verdict = match decision.retry_after_secs {
+        Some(retry_after) if !decision.allowed => {
+            state.metrics.rate_limited.inc();
+            Err(ApiError::RateLimited { retry_after })
+        }
+        _ => Ok(()),
+    };
+    (decision, verdict)
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: Uuid,
+    pub status: JobState,
+    pub user_id: String,
+    pub guild_id: Option<String>,
+    pub conversation_id: Option<String>,
+    pub prompt: String,
+    pub personality: Option<String>,
+    pub priority: u32,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// When a delayed job is due.
+    pub run_at: Option<String>,
+    pub result: Option<ResultView>,
+    pub error: Option<JobError>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResultView {
+    pub reply: String,
+    pub used_fallback: bool,
+    pub model: String,
+    pub usage: Option<crate::store::job::Usage>,
+    pub processed_at: String,
+}
+
+/// Milliseconds since the epoch as RFC 3339.
+pub fn rfc3339(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl ResultView {
+    pub fn from_result(r: &JobResult) -> Self {
+        Self {
+            reply: r.reply.clone(),
+            used_fallback: r.used_fallback,
+            model: r.model.clone(),
+            usage: r.usage,
+            processed_at: rfc3339(r.processed_at),
+        }
+    }
+}
+
+impl From<&Job> for JobView {
+    fn from(job: &Job) -> Self {
+        Self {
+            id: job.id,
+            status: job.state,
+            user_id: job.user_id.clone(),
+            guild_id: job.guild_id.clone(),
+            conversation_id: job.conversation_id.clone(),
+            prompt: job.request.prompt.clone(),
+            personality: job.request.personality.clone(),
+            priority: job.priority,
+            attempts: job.attempts,
+            max_attempts: job.max_attempts,
+            created_at: rfc3339(job.created_at),
+            started_at: job.started_at.map(rfc3339),
+            finished_at: job.finished_at.map(rfc3339),
+            run_at: (job.state == JobState::Delayed).then(|| rfc3339(job.run_at)),
+            result: job.result.as_ref().map(ResultView::from_result),
+            error: job.error.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Accepted {
+    id: Uuid,
+    status: JobState,
+    /// False when an idempotency key matched an earlier job, which is returned instead.
+    created: bool,
+}
+
+/// `POST /v1/chat/jobs`
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<SubmitBody>,
+) -> Result<Response, ApiError> {
+    check_id("user_id", &body.user_id)?;
+    let (decision, verdict) = limit(&state, &body.user_id);
+    let result = async {
+        verdict?;
+        let new = build_job(&state, body, request_id(&headers))?;
+        let pushed = state.queue.push(new).await?;
+        if pushed.created {
+            state.metrics.jobs_accepted.inc();
+        }
+        let status = if pushed.created {
+            StatusCode::ACCEPTED
+        } else {
+            StatusCode::OK
+        };
+        let location = format!("/v1/chat/jobs/{}", pushed.job.id);
+        let mut response = (
+            status,
+            Json(Accepted {
+                id: pushed.job.id,
+                status: pushed.job.state,
+                created: pushed.created,
+            }),
+        )
+            .into_response();
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, v);
+        }
+        Ok::<_, ApiError>(response)
+    }
+    .await;
+    Ok(with_rate_headers(result.into_response(), &decision))
+}
+
+pub fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::job_not_found())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WaitQuery {
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+/// Reads a job, holding the request up to `wait_secs` (at most 60) until it is finished.
+pub async fn wait_for_job(state: &AppState, id: Uuid, wait_secs: u64) -> Result<Job, ApiError> {
+    let events = state.queue.events();
+    let mut subscription = events.subscribe(id);
+    let job = state.queue.get(id)?.ok_or_else(ApiError::job_not_found)?;
+    if job.state.is_terminal() || wait_secs == 0 {
+        return Ok(job);
+    }
+    let wait = Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
+    tokio::select! {
+        finished = subscription.finished() => {
+            if let Some(job) = finished {
+                return Ok(job);
+            }
+        }
+        _ = tokio::time::sleep(wait) => {}
+        _ = state.shutdown.cancelled() => {}
+    }
+    state.queue.get(id)?.ok_or_else(ApiError::job_not_found)
+}
+
+/// `GET /v1/chat/jobs/{id}?wait=N`
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = parse_job_id(&id)?;
+    let job = wait_for_job(&state, id, query.wait.unwrap_or(0)).await?;
+    Ok(Json(JobView::from(&job)))
+}
+
+/// `DELETE /v1/chat/jobs/{id}`
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = parse_job_id(&id)?;
+    let job = state.queue.cancel(id).await?;
+    Ok(Json(JobView::from(&job)))
+}
+
+/// `POST /v1/chat/jobs/{id}/retry` (admin)
+pub async fn retry_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = parse_job_id(&id)?;
+    let job = state.queue.retry(id).await?;
+    Ok(Json(JobView::from(&job)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    state: JobState,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobList {
+    data: Vec<JobView>,
+}
+
+/// `GET /v1/chat/jobs?state=failed&limit=20` (admin)
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<JobList>, ApiError> {
+    let limit = query.limit.unwrap_or(50).clamp(1, 500);
+    let jobs = state.queue.list(query.state, limit)?;
+    Ok(Json(JobList {
+        data: jobs.iter().map(JobView::from).collect(),
+    }))
+}

@@ -1,0 +1,127 @@
+//! The replaced Node.js system's routes, with its request and response shapes, so its
+//! clients keep working: `POST /api/chat/bot` and `GET /api/chat/jobs/{id}`.
+//!
+//! It took camelCase fields (`userId`, `guildId`) and answered `{ok, jobId, status}`; job
+//! states use BullMQ's names (`waiting` for queued). Errors use chatq's one error shape,
+//! with the codes the old system used (`job_not_found`, `missing_prompt`).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::error::{ApiError, ApiJson};
+use super::jobs::{self, ResultView, SubmitBody};
+use super::state::AppState;
+use crate::store::JobState;
+
+#[derive(Debug, Deserialize)]
+pub struct LegacyBody {
+    #[serde(alias = "user_id")]
+    #[serde(rename = "userId")]
+    user_id: String,
+    #[serde(default, alias = "guild_id", rename = "guildId")]
+    guild_id: Option<String>,
+    #[serde(default, alias = "message")]
+    prompt: Option<String>,
+    #[serde(default)]
+    personality: Option<String>,
+    #[serde(default)]
+    history: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyAccepted {
+    ok: bool,
+    job_id: String,
+    status: &'static str,
+}
+
+/// `POST /api/chat/bot`
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<LegacyBody>,
+) -> Result<Response, ApiError> {
+    jobs::check_id("userId", &body.user_id)?;
+    let (decision, verdict) = jobs::limit(&state, &body.user_id);
+    let result = async {
+        verdict?;
+        let new = jobs::build_job(
+            &state,
+            SubmitBody {
+                user_id: body.user_id,
+                guild_id: body.guild_id,
+                prompt: Some(body.prompt.unwrap_or_default()),
+                history: body.history,
+                personality: body.personality,
+                ..SubmitBody::default()
+            },
+            jobs::request_id(&headers),
+        )?;
+        let pushed = state.queue.push(new).await?;
+        state.metrics.jobs_accepted.inc();
+        Ok::<_, ApiError>(
+            (
+                StatusCode::ACCEPTED,
+                Json(LegacyAccepted {
+                    ok: true,
+                    job_id: pushed.job.id.to_string(),
+                    status: "queued",
+                }),
+            )
+                .into_response(),
+        )
+    }
+    .await;
+    Ok(jobs::with_rate_headers(result.into_response(), &decision))
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyJob {
+    ok: bool,
+    job_id: String,
+    state: &'static str,
+    attempts_made: u32,
+    result: Option<ResultView>,
+    failed_reason: Option<String>,
+    timestamp: u64,
+    processed_on: Option<u64>,
+    finished_on: Option<u64>,
+}
+
+fn bullmq_state(state: JobState) -> &'static str {
+    match state {
+        JobState::Queued => "waiting",
+        JobState::Delayed => "delayed",
+        JobState::Active => "active",
+        JobState::Completed => "completed",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// `GET /api/chat/jobs/{id}`
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = jobs::parse_job_id(&id)?;
+    let job = state.queue.get(id)?.ok_or_else(ApiError::job_not_found)?;
+    Ok(Json(LegacyJob {
+        ok: true,
+        job_id: job.id.to_string(),
+        state: bullmq_state(job.state),
+        attempts_made: job.attempts,
+        result: job.result.as_ref().map(ResultView::from_result),
+        failed_reason: job.error.as_ref().map(|e| e.message.clone()),
+        timestamp: job.created_at,
+        processed_on: job.started_at,
+        finished_on: job.finished_at,
+    })
+    .into_response())
+}
