@@ -1,0 +1,9 @@
+//! Integration tests through the real front door (and the real binary for crash tests).
+
+mod helpers;
+
+mod admin;
+mod crash;
+mod jobs;
+mod limits;
+mod worker;
