@@ -34,6 +34,7 @@ struct Shared {
     wake: Condvar,
     flushes: AtomicU64,
     flushed_requests: AtomicU64,
+    flush_nanos: AtomicU64,
 }
 
 pub(crate) struct Flusher {
@@ -48,6 +49,8 @@ pub struct FlushStats {
     pub flushes: u64,
     /// Durability requests answered by them.
     pub requests: u64,
+    /// Time spent inside `flush`, in nanoseconds.
+    pub flush_nanos: u64,
 }
 
 impl Flusher {
@@ -57,6 +60,7 @@ impl Flusher {
             wake: Condvar::new(),
             flushes: AtomicU64::new(0),
             flushed_requests: AtomicU64::new(0),
+            flush_nanos: AtomicU64::new(0),
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -87,6 +91,7 @@ impl Flusher {
         FlushStats {
             flushes: self.shared.flushes.load(Ordering::Relaxed),
             requests: self.shared.flushed_requests.load(Ordering::Relaxed),
+            flush_nanos: self.shared.flush_nanos.load(Ordering::Relaxed),
         }
     }
 }
@@ -122,10 +127,14 @@ fn run(db: sled::Db, shared: &Shared) {
             }
             std::mem::take(&mut state.waiters)
         };
+        let started = std::time::Instant::now();
         let result = db.flush().map(|_| ()).map_err(|e| {
             tracing::error!(error = %e, "flushing the store failed");
             Arc::<str>::from(e.to_string())
         });
+        shared
+            .flush_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         shared.flushes.fetch_add(1, Ordering::Relaxed);
         shared
             .flushed_requests

@@ -48,10 +48,6 @@ impl JobState {
         Self::Failed,
         Self::Cancelled,
     ];
-
-    pub(crate) fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// Who wrote a message in a conversation.
@@ -150,8 +146,11 @@ pub struct Job {
     pub idempotency_key: Option<String>,
     /// The `x-request-id` of the submitting request.
     pub request_id: Option<String>,
-    /// Ordering key inside the ready or delayed index (a sled-generated sequence number).
+    /// Ordering key inside the ready or delayed index (a sequence number unique in the store).
     pub seq: u64,
+    /// The job is finished but its interaction-log entry is not confirmed written yet; the
+    /// next start writes it if a crash came in between.
+    pub log_pending: bool,
 }
 
 /// What a caller asks the queue to run.

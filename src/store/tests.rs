@@ -8,8 +8,18 @@ use crate::clock::{ManualClock, SharedClock};
 
 const T0: u64 = 1_800_000_000_000;
 
+/// Opens the store in `dir`. A store dropped a moment ago may still be closing its files on
+/// sled's background threads, so a reopen in the same process retries briefly.
 fn open_at(dir: &std::path::Path, clock: SharedClock) -> SledQueue {
-    SledQueue::open(StoreOptions::new(dir), clock).expect("open store")
+    for _ in 0..100 {
+        match SledQueue::open(StoreOptions::new(dir), clock.clone()) {
+            Err(StoreError::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.expect("open store"),
+        }
+    }
+    panic!("store still locked after 2 s")
 }
 
 fn setup() -> (tempfile::TempDir, Arc<ManualClock>, SledQueue) {
@@ -589,4 +599,46 @@ async fn group_commit_answers_concurrent_pushes_with_fewer_flushes() {
     let after = q.flush_stats();
     assert_eq!(after.requests - before.requests, 64);
     assert!(after.flushes - before.flushes <= 64);
+}
+
+#[tokio::test]
+async fn a_completion_whose_log_entry_was_cut_off_is_logged_once_at_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let id = {
+        let q = open_at(dir.path(), clock.clone());
+        let job = push(&q, NewJob::prompt("carol", "hi")).await;
+        q.claim().unwrap().unwrap();
+        // As if the process died after writing the finished record and before its entry.
+        let mut finished = q.get(job.id).unwrap().unwrap();
+        finished.state = JobState::Completed;
+        finished.attempts = 1;
+        finished.finished_at = Some(T0 + 5);
+        finished.result = Some(result("cut off"));
+        finished.log_pending = true;
+        q.trees_for_tests()
+            .insert(job.id.as_bytes(), codec::encode(&finished).unwrap())
+            .unwrap();
+        q.sync().await.unwrap();
+        job.id
+    };
+    for _ in 0..2 {
+        let q = open_at(dir.path(), clock.clone());
+        let page = q
+            .query_log(&LogQuery {
+                user_id: Some("carol".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            page.entries.len(),
+            1,
+            "written once, and not again on the next open"
+        );
+        assert_eq!(page.entries[0].job_id, id);
+        assert_eq!(page.entries[0].reply.as_deref(), Some("cut off"));
+        assert!(!q.get(id).unwrap().unwrap().log_pending);
+        assert_eq!(q.counts().completed, 1);
+    }
 }

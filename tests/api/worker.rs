@@ -338,6 +338,19 @@ fn pool_rig(
     (dir, queue, worker)
 }
 
+/// A store dropped a moment ago may still be closing its files on sled's background threads.
+fn reopen(path: &std::path::Path) -> SledQueue {
+    for _ in 0..100 {
+        match SledQueue::open(StoreOptions::new(path), clock::system()) {
+            Err(chatq::store::StoreError::Locked { .. }) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("store still locked after 2 s")
+}
+
 async fn wait_until(mut cond: impl FnMut() -> bool) {
     for _ in 0..2_000 {
         if cond() {
@@ -419,7 +432,7 @@ async fn a_job_killed_mid_flight_is_recovered_on_restart() {
     assert_eq!(queue.get(id).unwrap().unwrap().state, JobState::Active);
     drop(worker);
     drop(queue);
-    let reopened = SledQueue::open(StoreOptions::new(dir.path()), clock::system()).unwrap();
+    let reopened = reopen(dir.path());
     let job = reopened.get(id).unwrap().unwrap();
     assert_eq!(job.state, JobState::Queued, "recovered at start");
     assert_eq!(job.attempts, 0);
