@@ -150,6 +150,20 @@ async fn bytes_per_record(n: usize) -> (f64, f64) {
     queue.sync().await.unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let with_log = dir_size(dir.path());
+    let page = queue
+        .query_log(&chatq::store::LogQuery {
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    if let Some(entry) = page.entries.first() {
+        let job = queue.get(entry.job_id).unwrap().unwrap();
+        println!(
+            "encoded sizes: completed job record {} bytes, interaction entry {} bytes",
+            chatq::store::codec::encode(&job).unwrap().len(),
+            chatq::store::codec::encode(entry).unwrap().len()
+        );
+    }
     // The completed job records grow too; attribute the whole growth to the log as an upper
     // bound, and report the job record growth separately below.
     let per_entry = (with_log.saturating_sub(with_jobs)) as f64 / n as f64;
