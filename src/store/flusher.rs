@@ -27,6 +27,10 @@ type Waiter = oneshot::Sender<Result<(), Arc<str>>>;
 struct State {
     waiters: Vec<Waiter>,
     shutdown: bool,
+    /// The flusher thread is parked on the condvar (not flushing). Only then does a new
+    /// waiter need to wake it: a busy flusher looks for waiters again after each flush, and
+    /// skipping the wake-up saves a futex syscall per request under load.
+    idle: bool,
 }
 
 struct Shared {
@@ -75,14 +79,17 @@ impl Flusher {
     /// Waits until everything written before this call is on disk.
     pub(crate) async fn flush(&self) -> Result<(), Arc<str>> {
         let (tx, rx) = oneshot::channel();
-        {
+        let wake = {
             let mut state = lock(&self.shared.state);
             if state.shutdown {
                 return Err("the store is shutting down".into());
             }
             state.waiters.push(tx);
+            std::mem::take(&mut state.idle)
+        };
+        if wake {
+            self.shared.wake.notify_one();
         }
-        self.shared.wake.notify_one();
         rx.await
             .unwrap_or_else(|_| Err("the flusher stopped before answering".into()))
     }
@@ -117,11 +124,13 @@ fn run(db: sled::Db, shared: &Shared) {
         let batch = {
             let mut state = lock(&shared.state);
             while state.waiters.is_empty() && !state.shutdown {
+                state.idle = true;
                 state = shared
                     .wake
                     .wait(state)
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
             }
+            state.idle = false;
             if state.waiters.is_empty() && state.shutdown {
                 break;
             }
