@@ -18,6 +18,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::bot::{ChatBot, Personalities, Upstream};
 use crate::clock::{self, SharedClock};
@@ -86,6 +87,7 @@ impl App {
             config,
             workers_running: AtomicBool::new(true),
             shutdown: shutdown.clone(),
+            tasks: TaskTracker::new(),
         }));
         let mut background = JoinSet::new();
         background.spawn(prune_store(state.clone(), shutdown.clone()));
@@ -118,6 +120,14 @@ impl App {
             );
         }
         while self.background.join_next().await.is_some() {}
+        // Streaming relays end when their job does, or at once on the cancelled token.
+        self.state.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("streaming relays still running after 5 s; leaving them");
+        }
         self.state.queue.sync().await.context("final flush")?;
         Ok(())
     }

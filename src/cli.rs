@@ -131,6 +131,9 @@ pub struct ServeArgs {
     /// Requests handled at once; more wait their turn.
     #[arg(long, env = "CHATQ_MAX_CONCURRENT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_concurrent_requests: u32,
+    /// Refuse `system` messages from OpenAI-compatible clients (with "Invalid message role").
+    #[arg(long, env = "CHATQ_REFUSE_CLIENT_SYSTEM")]
+    pub refuse_client_system: bool,
     /// Per-request time limit in seconds (long-polls end earlier, at 60 s).
     #[arg(long, env = "CHATQ_REQUEST_TIMEOUT_SECS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(61..=3_600))]
     pub request_timeout_secs: u64,

@@ -78,6 +78,8 @@ pub struct Config {
     pub model: String,
     pub max_concurrent_requests: usize,
     pub request_timeout: Duration,
+    /// Refuse `system` messages from clients of `/v1/chat/completions`.
+    pub refuse_client_system: bool,
 }
 
 fn token(flag: &'static str, value: Option<String>) -> Result<Option<Secret>, ConfigError> {
@@ -111,6 +113,7 @@ impl Config {
             model: "gpt-4o-mini".to_owned(),
             max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(90),
+            refuse_client_system: false,
         }
     }
 
@@ -175,6 +178,7 @@ impl Config {
             model: args.openai_model,
             max_concurrent_requests: args.max_concurrent_requests as usize,
             request_timeout: Duration::from_secs(args.request_timeout_secs),
+            refuse_client_system: args.refuse_client_system,
         })
     }
 

@@ -98,7 +98,7 @@ fn upstream_status_label(result: &Result<crate::store::JobResult, BotError>) -> 
         Ok(r) if r.used_fallback => None,
         Ok(_) => Some("200".to_owned()),
         Err(BotError::MissingPrompt) => None,
-        Err(BotError::Upstream(e)) => Some(match e {
+        Err(BotError::Upstream(e) | BotError::MidStream(e)) => Some(match e {
             UpstreamError::Status { status, .. } => status.to_string(),
             UpstreamError::Timeout(_) => "timeout".to_owned(),
             UpstreamError::Connect(_) => "connect_error".to_owned(),
@@ -150,7 +150,8 @@ impl Worker {
             .queue_wait
             .observe(now.saturating_sub(due) as f64 / 1_000.0);
         let started = Instant::now();
-        let outcome = self.bot.ask(&job).await;
+        let sink = self.queue.events().streams.sink(job.id);
+        let outcome = self.bot.ask(&job, sink.as_ref()).await;
         let elapsed = started.elapsed();
         self.metrics.job_duration.observe(elapsed.as_secs_f64());
         if let Some(status) = upstream_status_label(&outcome) {

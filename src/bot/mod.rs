@@ -13,6 +13,7 @@ pub mod upstream;
 use std::time::Duration;
 
 use crate::clock::SharedClock;
+use crate::store::DeltaSender;
 use crate::store::job::{Job, JobError, JobResult};
 pub use personality::{Personalities, Personality};
 pub use upstream::{Upstream, UpstreamConfig, UpstreamError};
@@ -27,19 +28,23 @@ pub enum BotError {
     MissingPrompt,
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The upstream failed after part of the reply had been streamed to the client: not
+    /// retried, since the client already saw text from this attempt.
+    #[error("{0} (after part of the reply was streamed)")]
+    MidStream(UpstreamError),
 }
 
 impl BotError {
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::MissingPrompt => false,
+            Self::MissingPrompt | Self::MidStream(_) => false,
             Self::Upstream(e) => e.is_transient(),
         }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::MissingPrompt => None,
+            Self::MissingPrompt | Self::MidStream(_) => None,
             Self::Upstream(e) => e.retry_after(),
         }
     }
@@ -47,7 +52,14 @@ impl BotError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::MissingPrompt => "missing_prompt",
-            Self::Upstream(_) => "openai_error",
+            Self::Upstream(_) | Self::MidStream(_) => "openai_error",
+        }
+    }
+
+    pub fn upstream(&self) -> Option<&UpstreamError> {
+        match self {
+            Self::MissingPrompt => None,
+            Self::Upstream(e) | Self::MidStream(e) => Some(e),
         }
     }
 
@@ -56,10 +68,7 @@ impl BotError {
         JobError {
             code: self.code().to_owned(),
             message: self.to_string(),
-            status: match self {
-                Self::MissingPrompt => None,
-                Self::Upstream(e) => e.status(),
-            },
+            status: self.upstream().and_then(UpstreamError::status),
         }
     }
 }
@@ -118,14 +127,22 @@ impl ChatBot {
         }
     }
 
-    /// Answers one job.
-    pub async fn ask(&self, job: &Job) -> Result<JobResult, BotError> {
+    /// Answers one job. With `sink`, the reply is also sent piece by piece as it is
+    /// produced (a send to a client that went away is ignored).
+    pub async fn ask(&self, job: &Job, sink: Option<&DeltaSender>) -> Result<JobResult, BotError> {
         let prompt = job.request.prompt.trim();
         if prompt.is_empty() {
             return Err(BotError::MissingPrompt);
         }
         let Some(upstream) = &self.upstream else {
-            return Ok(self.fallback_result(job));
+            let result = self.fallback_result(job);
+            if let Some(sink) = sink {
+                // Fallback replies stream too, a word at a time.
+                for word in result.reply.split_inclusive(' ') {
+                    let _ = sink.send(word.to_owned());
+                }
+            }
+            return Ok(result);
         };
         let personality = self
             .personalities
@@ -133,15 +150,33 @@ impl ChatBot {
         let mut request = job.request.clone();
         request.prompt = prompt.to_owned();
         let messages = prompt::build_messages(job.guild_id.as_deref(), personality, &request);
-        let reply = upstream
-            .complete(&upstream::CompletionRequest {
-                model: upstream.model(),
-                messages: &messages,
-                max_tokens: request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-                temperature: request.temperature.unwrap_or(personality.temperature),
-                user: Some(&job.user_id),
-            })
-            .await?;
+        let mut call = upstream::CompletionRequest {
+            model: upstream.model(),
+            messages: &messages,
+            max_tokens: request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            temperature: request.temperature.unwrap_or(personality.temperature),
+            user: Some(&job.user_id),
+            stream: false,
+        };
+        let reply = match sink {
+            None => upstream.complete(&call).await?,
+            Some(sink) => {
+                call.stream = true;
+                let mut forward = |delta: &str| {
+                    let _ = sink.send(delta.to_owned());
+                };
+                upstream
+                    .complete_streaming(&call, &mut forward)
+                    .await
+                    .map_err(|f| {
+                        if f.streamed {
+                            BotError::MidStream(f.error)
+                        } else {
+                            BotError::Upstream(f.error)
+                        }
+                    })?
+            }
+        };
         let text = reply
             .content
             .map(|c| c.trim().to_owned())

@@ -29,22 +29,28 @@ pub fn system_prompt(guild_id: Option<&str>, personality: &Personality) -> Strin
     format!("{base}\n\n{}", personality.instructions)
 }
 
-/// The full message list for one request.
+/// The full message list for one request: chatq's system prompt first, then the client's
+/// own system messages (OpenAI-compatible clients send them; they are instructions, not
+/// history, so the cut does not drop them), then the last 10 other messages, then the prompt.
 pub fn build_messages(
     guild_id: Option<&str>,
     personality: &Personality,
     request: &ChatRequest,
 ) -> Vec<WireMessage> {
-    let history = &request.history[request.history.len().saturating_sub(MAX_HISTORY)..];
-    let mut messages = Vec::with_capacity(history.len() + 2);
+    let wire = |m: &Message| WireMessage {
+        role: m.role.as_str(),
+        content: m.content.clone(),
+    };
+    let (system, history): (Vec<&Message>, Vec<&Message>) =
+        request.history.iter().partition(|m| m.role == Role::System);
+    let history = &history[history.len().saturating_sub(MAX_HISTORY)..];
+    let mut messages = Vec::with_capacity(system.len() + history.len() + 2);
     messages.push(WireMessage {
         role: Role::System.as_str(),
         content: system_prompt(guild_id, personality),
     });
-    messages.extend(history.iter().map(|m: &Message| WireMessage {
-        role: m.role.as_str(),
-        content: m.content.clone(),
-    }));
+    messages.extend(system.into_iter().map(wire));
+    messages.extend(history.iter().copied().map(wire));
     messages.push(WireMessage {
         role: Role::User.as_str(),
         content: request.prompt.clone(),
@@ -99,5 +105,26 @@ mod tests {
         assert_eq!(msgs[11].role, "user");
         assert_eq!(msgs[11].content, "now");
         assert_eq!(build_messages(None, p.resolve(None), &request(3)).len(), 5);
+    }
+
+    #[test]
+    fn client_system_messages_follow_ours_and_survive_the_cut() {
+        let p = Personalities::builtin();
+        let mut r = request(12);
+        r.history.insert(
+            0,
+            Message {
+                role: Role::System,
+                content: "answer in French".into(),
+            },
+        );
+        let msgs = build_messages(Some("g"), p.resolve(None), &r);
+        assert_eq!(msgs.len(), 1 + 1 + MAX_HISTORY + 1);
+        assert!(msgs[0].content.contains("guild g"));
+        assert_eq!(
+            (msgs[1].role, msgs[1].content.as_str()),
+            ("system", "answer in French")
+        );
+        assert_eq!(msgs[2].content, "h2");
     }
 }

@@ -35,6 +35,9 @@ pub struct CompletionRequest<'a> {
     pub temperature: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<&'a str>,
+    /// Ask for server-sent events instead of one JSON answer.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,12 +181,10 @@ impl Upstream {
         }
     }
 
-    /// Sends one non-streaming chat completion request.
-    pub async fn complete(
+    async fn send(
         &self,
         request: &CompletionRequest<'_>,
-    ) -> Result<UpstreamReply, UpstreamError> {
-        let started = Instant::now();
+    ) -> Result<reqwest::Response, UpstreamError> {
         let response = self
             .client
             .post(&self.url)
@@ -206,6 +207,16 @@ impl Upstream {
                 retry_after,
             });
         }
+        Ok(response)
+    }
+
+    /// Sends one non-streaming chat completion request.
+    pub async fn complete(
+        &self,
+        request: &CompletionRequest<'_>,
+    ) -> Result<UpstreamReply, UpstreamError> {
+        let started = Instant::now();
+        let response = self.send(request).await?;
         let bytes = response.bytes().await.map_err(|e| self.classify(e))?;
         let parsed: CompletionResponse = serde_json::from_slice(&bytes)
             .map_err(|e| UpstreamError::InvalidResponse(e.to_string()))?;
@@ -219,6 +230,109 @@ impl Upstream {
             content,
             model: parsed.model.unwrap_or_else(|| request.model.to_owned()),
             usage: parsed.usage,
+            latency: started.elapsed(),
+        })
+    }
+}
+
+/// A streamed request that failed, and whether any text had reached `on_delta` before.
+#[derive(Debug)]
+pub struct StreamFailure {
+    pub error: UpstreamError,
+    pub streamed: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamChunk {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<StreamChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamChoice {
+    #[serde(default)]
+    delta: Option<ChoiceMessage>,
+}
+
+impl Upstream {
+    /// Sends a streaming request and hands each piece of reply text to `on_delta` as it
+    /// arrives. Returns the whole reply at the end.
+    pub async fn complete_streaming(
+        &self,
+        request: &CompletionRequest<'_>,
+        on_delta: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<UpstreamReply, StreamFailure> {
+        use futures_util::StreamExt;
+
+        let started = Instant::now();
+        let fail = |error, streamed| StreamFailure { error, streamed };
+        let response = self.send(request).await.map_err(|e| fail(e, false))?;
+        let mut body = response.bytes_stream();
+        let mut buffer: Vec<u8> = Vec::with_capacity(1024);
+        let mut text = String::new();
+        let mut model = None;
+        let mut usage = None;
+        let mut done = false;
+        while !done {
+            let Some(chunk) = body.next().await else {
+                break;
+            };
+            let chunk = chunk.map_err(|e| fail(self.classify(e), !text.is_empty()))?;
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                let Some(data) = line.trim().strip_prefix("data:") else {
+                    continue; // comments, event names, blank separators
+                };
+                let data = data.trim();
+                if data == "[DONE]" {
+                    done = true;
+                    break;
+                }
+                let parsed: StreamChunk = serde_json::from_str(data).map_err(|e| {
+                    fail(
+                        UpstreamError::InvalidResponse(e.to_string()),
+                        !text.is_empty(),
+                    )
+                })?;
+                if let Some(error) = parsed.error {
+                    let message = self.scrub(&error.to_string());
+                    return Err(fail(
+                        UpstreamError::InvalidResponse(message),
+                        !text.is_empty(),
+                    ));
+                }
+                model = parsed.model.or(model);
+                usage = parsed.usage.or(usage);
+                let delta = parsed
+                    .choices
+                    .into_iter()
+                    .next()
+                    .and_then(|c| c.delta)
+                    .and_then(|d| d.content);
+                if let Some(delta) = delta.filter(|d| !d.is_empty()) {
+                    on_delta(&delta);
+                    text.push_str(&delta);
+                }
+            }
+        }
+        if !done {
+            return Err(fail(
+                UpstreamError::Connect("the stream ended before [DONE]".to_owned()),
+                !text.is_empty(),
+            ));
+        }
+        Ok(UpstreamReply {
+            content: Some(text),
+            model: model.unwrap_or_else(|| request.model.to_owned()),
+            usage,
             latency: started.elapsed(),
         })
     }

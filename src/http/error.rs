@@ -46,6 +46,8 @@ pub enum ApiError {
     RateLimited { retry_after: u64 },
     /// 500
     Internal,
+    /// 500: the upstream failed for good while answering (OpenAI-compatible routes).
+    Upstream { message: String },
     /// 503: the store cannot write, or chatq is shutting down.
     Unavailable { message: String },
 }
@@ -106,7 +108,7 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal | Self::Upstream { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -185,7 +187,16 @@ impl ApiError {
             Self::Unavailable { message } => {
                 (message.clone(), "server_error", "service_unavailable", None)
             }
+            Self::Upstream { message } => (message.clone(), "server_error", "openai_error", None),
         }
+    }
+}
+
+impl ApiError {
+    /// The inner `{"message", "type", "code", "param"}` object, for an SSE error event.
+    pub fn body(&self) -> serde_json::Value {
+        let (message, kind, code, param) = self.parts();
+        serde_json::json!({"message": message, "type": kind, "code": code, "param": param})
     }
 }
 

@@ -202,6 +202,7 @@ pub fn build_job(
         ));
     }
     Ok(NewJob {
+        id: None,
         user_id: body.user_id,
         guild_id: body.guild_id,
         conversation_id: body.conversation_id,

@@ -7,6 +7,7 @@
 
 mod admin;
 mod auth;
+mod completions;
 pub mod error;
 mod jobs;
 mod legacy;
@@ -46,6 +47,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/messages/validate/bulk", post(messages::validate_bulk))
         .route("/api/chat/bot", post(legacy::submit))
         .route("/api/chat/jobs/{id}", get(legacy::get_job))
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/models", get(completions::models))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_client,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::bot::ChatBot;
 use crate::config::Config;
@@ -23,6 +24,8 @@ pub struct Inner {
     pub workers_running: AtomicBool,
     /// Fired at shutdown; long-polls return early.
     pub shutdown: CancellationToken,
+    /// Request-scoped background tasks (streaming relays); shutdown waits for them.
+    pub tasks: TaskTracker,
 }
 
 /// Cheap to clone: one `Arc`.

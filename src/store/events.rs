@@ -1,4 +1,5 @@
-//! In-process notifications about jobs: "a job finished" for long-polling waiters.
+//! In-process notifications about jobs: "a job finished" for long-polling waiters, and the
+//! reply deltas of a job for a client that streams it.
 //!
 //! A waiter subscribes to one job id *before* reading the job (so a completion between the
 //! read and the wait is not missed), and its [`Subscription`] removes itself when dropped, so
@@ -20,6 +21,8 @@ type Waiters = HashMap<Uuid, Vec<(u64, oneshot::Sender<Job>)>>;
 pub struct JobEvents {
     next_token: AtomicU64,
     waiters: Mutex<Waiters>,
+    /// Streaming listeners, by job id.
+    pub streams: DeltaStreams,
 }
 
 impl JobEvents {
@@ -82,5 +85,60 @@ impl Drop for Subscription<'_> {
                 map.remove(&self.id);
             }
         }
+    }
+}
+
+/// Reply text as it streams from the worker to a waiting client.
+pub type DeltaSender = tokio::sync::mpsc::UnboundedSender<String>;
+pub type DeltaReceiver = tokio::sync::mpsc::UnboundedReceiver<String>;
+
+/// Where a worker finds the client waiting for a job's deltas.
+///
+/// A streaming request registers its channel under the job id *before* the job is pushed, so
+/// the worker cannot start before the client listens. The registration removes itself when
+/// dropped (the client went away); a worker whose sends fail just keeps going, and the job
+/// still completes and is logged.
+#[derive(Default)]
+pub struct DeltaStreams {
+    sinks: Mutex<HashMap<Uuid, DeltaSender>>,
+}
+
+impl DeltaStreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, DeltaSender>> {
+        self.sinks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a listener for `id`'s deltas.
+    pub fn listen(&self, id: Uuid) -> StreamRegistration<'_> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.lock().insert(id, tx);
+        StreamRegistration {
+            streams: self,
+            id,
+            rx,
+        }
+    }
+
+    /// The sender for `id`, if a client is listening.
+    pub fn sink(&self, id: Uuid) -> Option<DeltaSender> {
+        self.lock().get(&id).cloned()
+    }
+
+    pub fn listening(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+pub struct StreamRegistration<'a> {
+    streams: &'a DeltaStreams,
+    id: Uuid,
+    pub rx: DeltaReceiver,
+}
+
+impl Drop for StreamRegistration<'_> {
+    fn drop(&mut self) {
+        self.streams.lock().remove(&self.id);
     }
 }

@@ -156,6 +156,9 @@ pub struct Job {
 /// What a caller asks the queue to run.
 #[derive(Debug, Clone)]
 pub struct NewJob {
+    /// A pre-assigned id (a streaming client registers for the job's deltas before the push);
+    /// `None` lets the queue pick one.
+    pub id: Option<Uuid>,
     pub user_id: String,
     pub guild_id: Option<String>,
     pub conversation_id: Option<String>,
@@ -171,6 +174,7 @@ impl NewJob {
     /// A job for `user_id` asking `prompt`, with default options; handy in tests and tools.
     pub fn prompt(user_id: &str, prompt: &str) -> Self {
         Self {
+            id: None,
             user_id: user_id.to_owned(),
             guild_id: None,
             conversation_id: None,

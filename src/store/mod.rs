@@ -23,7 +23,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-pub use events::{JobEvents, Subscription};
+pub use events::{DeltaSender, DeltaStreams, JobEvents, StreamRegistration, Subscription};
 pub use flusher::FlushStats;
 pub use interaction::{Interaction, LogPage, LogQuery, LogRetention};
 pub use job::{Job, JobError, JobResult, JobState, NewJob, QueueCounts};

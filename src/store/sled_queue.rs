@@ -280,7 +280,7 @@ impl SledQueue {
 
     fn push_sync(&self, new: &NewJob) -> Result<Pushed, StoreError> {
         let now = self.clock.now_ms();
-        let id = Uuid::new_v4();
+        let id = new.id.unwrap_or_else(Uuid::new_v4);
         let delayed = new.delay_ms > 0;
         let mut job = Job {
             id,
@@ -321,6 +321,14 @@ impl SledQueue {
                     });
                 }
             }
+        }
+        if new.id.is_some() && self.jobs.contains_key(id.as_bytes())? {
+            return Err(StoreError::Conflict {
+                id,
+                state: "taken",
+                action: "push",
+                allowed: "a fresh id",
+            });
         }
         job.seq = index.seq();
         self.write(&job)?;

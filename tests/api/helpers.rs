@@ -34,6 +34,8 @@ pub enum Reply {
     },
     /// Never answers.
     Hang,
+    /// Streams these pieces (when asked to stream), then cuts the connection without `[DONE]`.
+    CutOff(Vec<String>),
 }
 
 impl Reply {
@@ -67,6 +69,8 @@ struct MockState {
     requests: Mutex<Vec<(HeaderMap, Value)>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Stream chunks written so far (to check that chatq forwards before the end).
+    chunks_sent: AtomicUsize,
 }
 
 /// A mock OpenAI-compatible upstream.
@@ -112,11 +116,16 @@ async fn chat_completions(
         }))
         .into_response()
     };
+    let streamable = matches!(reply, Reply::Text { .. } | Reply::Empty | Reply::CutOff(_));
+    if body["stream"] == true && streamable {
+        return stream_reply(state.clone(), model, reply, _guard_owned(&state));
+    }
     match reply {
         Reply::Text { content, delay } => {
             tokio::time::sleep(delay).await;
             ok(Value::from(content))
         }
+        Reply::CutOff(parts) => ok(Value::from(parts.concat())),
         Reply::Empty => ok(Value::Null),
         Reply::Status {
             status,
@@ -136,6 +145,72 @@ async fn chat_completions(
             ok(Value::from("too late"))
         }
     }
+}
+
+/// Keeps the in-flight count up while a streamed body is being written.
+struct StreamGuard(Arc<MockState>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn _guard_owned(state: &Arc<MockState>) -> StreamGuard {
+    state.in_flight.fetch_add(1, Ordering::SeqCst);
+    StreamGuard(Arc::clone(state))
+}
+
+/// An SSE answer: one chunk per word (`delay` apart), then `[DONE]` (or a cut for `CutOff`).
+fn stream_reply(
+    state: Arc<MockState>,
+    model: String,
+    reply: Reply,
+    guard: StreamGuard,
+) -> Response {
+    let (pieces, delay, cut): (Vec<String>, Duration, bool) = match reply {
+        Reply::Text { content, delay } => (
+            content.split_inclusive(' ').map(str::to_owned).collect(),
+            delay,
+            false,
+        ),
+        Reply::Empty => (Vec::new(), Duration::ZERO, false),
+        Reply::CutOff(parts) => (parts, Duration::from_millis(20), true),
+        Reply::Status { .. } | Reply::Hang => unreachable!("answered before streaming"),
+    };
+    let frame = move |content: &str| {
+        let chunk = json!({
+            "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]
+        });
+        format!("data: {chunk}\n\n")
+    };
+    let stream = futures_util::stream::unfold((0usize, guard), move |(i, guard)| {
+        let state = Arc::clone(&state);
+        let piece = pieces.get(i).cloned();
+        let frame = frame.clone();
+        let last = i == pieces.len();
+        async move {
+            if i > 0 {
+                tokio::time::sleep(delay).await;
+            }
+            match piece {
+                Some(p) => {
+                    state.chunks_sent.fetch_add(1, Ordering::SeqCst);
+                    Some((Ok::<_, std::io::Error>(frame(&p)), (i + 1, guard)))
+                }
+                None if last && !cut => Some((Ok("data: [DONE]\n\n".to_owned()), (i + 1, guard))),
+                None if last => {
+                    Some((Err(std::io::Error::other("connection cut")), (i + 1, guard)))
+                }
+                None => None,
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap()
 }
 
 impl MockUpstream {
@@ -169,6 +244,10 @@ impl MockUpstream {
 
     pub fn in_flight(&self) -> usize {
         self.state.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn chunks_sent(&self) -> usize {
+        self.state.chunks_sent.load(Ordering::SeqCst)
     }
 
     pub fn max_in_flight(&self) -> usize {

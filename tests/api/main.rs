@@ -3,7 +3,9 @@
 mod helpers;
 
 mod admin;
+mod completions;
 mod crash;
 mod jobs;
 mod limits;
+mod python_sdk;
 mod worker;
