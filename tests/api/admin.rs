@@ -135,7 +135,17 @@ async fn health_readiness_and_prometheus_metrics_that_move() {
         &json!({"role": "nobody", "content": "x"}),
     )
     .await;
-    let response = app.get("/metrics").await;
+    // Counters are recorded by the worker just after the completion wakes waiters, so give
+    // the scrape a moment to see them.
+    let mut response = app.get("/metrics").await;
+    for _ in 0..100 {
+        let scraped = scrape(response.body.as_str().unwrap().to_owned());
+        if value(&scraped, "chatq_jobs_completed_total") >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        response = app.get("/metrics").await;
+    }
     assert!(
         response
             .header("content-type")
