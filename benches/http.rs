@@ -364,25 +364,16 @@ async fn round_trips(upstream: SocketAddr, mock: &Mock) {
     // Baseline: time to the first content chunk streaming straight from the mock.
     let mut direct_first = Vec::with_capacity(500);
     for i in 0..600 {
-        use futures_util::StreamExt;
         let t = Instant::now();
-        let r = http
-            .post(format!("http://{upstream}/v1/chat/completions"))
-            .json(&json!({"messages": [{"role": "user", "content": "capital of France?"}], "stream": true}))
-            .send()
-            .await
-            .unwrap();
-        let mut body = r.bytes_stream();
-        let mut seen = String::new();
-        let mut at = None;
-        while let Some(bytes) = body.next().await {
-            seen.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
-            if at.is_none() && seen.contains("\"content\":\"Par\"") {
-                at = Some(t.elapsed());
-            }
-        }
+        let body = json!({"messages": [{"role": "user", "content": "capital of France?"}], "stream": true});
+        let at = first_delta_at(
+            &http,
+            &format!("http://{upstream}/v1/chat/completions"),
+            &body,
+        )
+        .await;
         if i >= 100 {
-            direct_first.push(at.expect("first chunk"));
+            direct_first.push(at.duration_since(t));
         }
     }
     direct_first.sort();
@@ -395,32 +386,15 @@ async fn round_trips(upstream: SocketAddr, mock: &Mock) {
     let mut first_chunk = Vec::with_capacity(500);
     for i in 0..600 {
         *mock.first_chunk_at.lock().unwrap() = None;
-        let r = http
-            .post(format!("{}/v1/chat/completions", chatq.base))
-            .json(&json!({"messages": [{"role": "user", "content": "capital of France?"}], "user": "st", "stream": true}))
-            .send()
-            .await
-            .unwrap();
-        let mut body = r.bytes_stream();
-        use futures_util::StreamExt;
-        let mut seen = String::new();
-        let mut at = None;
-        while let Some(bytes) = body.next().await {
-            seen.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
-            if at.is_none() && seen.contains("\"content\":\"Par\"") {
-                at = Some(Instant::now());
-            }
-        }
+        let body = json!({"messages": [{"role": "user", "content": "capital of France?"}], "user": "st", "stream": true});
+        let at = first_delta_at(&http, &format!("{}/v1/chat/completions", chatq.base), &body).await;
         let upstream_first = mock
             .first_chunk_at
             .lock()
             .unwrap()
             .expect("the mock streamed");
         if i >= 100 {
-            first_chunk.push(
-                at.expect("saw the first delta")
-                    .duration_since(upstream_first),
-            );
+            first_chunk.push(at.duration_since(upstream_first));
         }
     }
     first_chunk.sort();
@@ -430,6 +404,22 @@ async fn round_trips(upstream: SocketAddr, mock: &Mock) {
         Some(percentile(&first_chunk, 0.5)),
         Some(percentile(&first_chunk, 0.99)),
     );
+}
+
+/// Streams `body` to `url`, reads the whole answer, and returns when the first delta came.
+async fn first_delta_at(http: &reqwest::Client, url: &str, body: &Value) -> Instant {
+    use futures_util::StreamExt;
+    let r = http.post(url).json(body).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    let mut seen = String::new();
+    let mut at = None;
+    while let Some(bytes) = stream.next().await {
+        seen.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
+        if at.is_none() && seen.contains("\"content\":\"Par\"") {
+            at = Some(Instant::now());
+        }
+    }
+    at.expect("saw the first delta")
 }
 
 async fn time_to_ready() {

@@ -399,6 +399,14 @@ impl SledQueue {
         Ok(job)
     }
 
+    /// Writes `job`, which was `before` on disk, and moves it in the index to match.
+    fn rewrite(&self, index: &mut Index, before: &Job, job: &Job) -> Result<(), StoreError> {
+        self.write(job)?;
+        index.remove(before);
+        index.add(job);
+        Ok(())
+    }
+
     /// Moves `job` (already updated in memory from `before`) to a finished state.
     fn finish(
         &self,
@@ -408,10 +416,7 @@ impl SledQueue {
         logged: bool,
     ) -> Result<(), StoreError> {
         job.log_pending = logged;
-        self.write(job)?;
-        index.remove(before);
-        index.add(job);
-        Ok(())
+        self.rewrite(index, before, job)
     }
 
     fn interaction_for(job: &Job) -> Interaction {
@@ -528,9 +533,7 @@ impl SledQueue {
             job.state = JobState::Delayed;
             job.run_at = now.saturating_add(delay);
             job.seq = index.seq();
-            self.write(&job)?;
-            index.remove(&before);
-            index.add(&job);
+            self.rewrite(&mut index, &before, &job)?;
             drop(index);
             // A sleeping worker may be waiting for a later due time.
             self.work.notify_one();
@@ -572,9 +575,7 @@ impl SledQueue {
         job.finished_at = None;
         job.log_pending = false;
         job.seq = index.seq();
-        self.write(&job)?;
-        index.remove(&before);
-        index.add(&job);
+        self.rewrite(&mut index, &before, &job)?;
         drop(index);
         self.work.notify_one();
         Ok(job)
