@@ -419,5 +419,10 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
             p.description.clone(),
         ));
     }
-    Json(json!({"object": "list", "data": data}))
+    let upstream = if state.bot.has_upstream() {
+        "openai"
+    } else {
+        "fallback"
+    };
+    Json(json!({"object": "list", "data": data, "chatq": {"upstream": upstream}}))
 }

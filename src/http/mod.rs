@@ -12,6 +12,7 @@ pub mod error;
 mod jobs;
 mod legacy;
 mod messages;
+mod pages;
 mod state;
 
 use std::time::Duration;
@@ -65,6 +66,9 @@ pub fn router(state: AppState) -> Router {
             auth::require_admin,
         ));
     let open = Router::new()
+        .route("/", get(pages::chat_page))
+        .route("/admin", get(pages::admin_page))
+        .route("/assets/{file}", get(pages::asset_file))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));

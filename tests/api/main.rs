@@ -3,9 +3,11 @@
 mod helpers;
 
 mod admin;
+mod browser;
 mod completions;
 mod crash;
 mod jobs;
 mod limits;
+mod python;
 mod python_sdk;
 mod worker;
