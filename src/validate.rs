@@ -111,14 +111,22 @@ impl Validator {
         Self { unsafe_patterns }
     }
 
-    /// True if `text` contains one of the unsafe patterns.
+    /// True if `text` contains one of the unsafe patterns, as written or disguised the way
+    /// browsers still execute it: split by the tab, newline and other control characters that
+    /// URL parsers drop, or written with HTML character references (`&#106;`, `&#x6A;`,
+    /// `&colon;`, `&Tab;`, `&lt;`, ...). See [`reveal`].
     pub fn is_unsafe(&self, text: &str) -> bool {
-        // Every pattern contains `<` or `:`; text with neither (most chat) skips the regex.
+        // Every pattern needs `<` or `:`, and a disguise needs `&` for a character reference;
+        // text with none of them (most chat) skips the work.
         let bytes = text.as_bytes();
-        if !bytes.iter().any(|&b| b == b'<' || b == b':') {
+        if !bytes.iter().any(|&b| matches!(b, b'<' | b':' | b'&')) {
             return false;
         }
-        self.unsafe_patterns.is_match(text)
+        if self.unsafe_patterns.is_match(text) {
+            return true;
+        }
+        let needs_reveal = bytes.iter().any(|&b| b == b'&' || (b < 0x20 && b != b' '));
+        needs_reveal && self.unsafe_patterns.is_match(&reveal(text))
     }
 
     /// Checks content alone (checks 3 to 5): required, length, unsafe patterns.
@@ -205,6 +213,73 @@ impl Validator {
             results,
         }
     }
+}
+
+/// The text a browser would act on: HTML character references decoded (numeric ones and the
+/// named ones that spell the patterns: `lt`, `gt`, `colon`, `sol`, `Tab`, `NewLine`, `amp`,
+/// `quot`, `apos`), then every C0 control character removed (URL parsers drop tab, CR and LF
+/// anywhere in a URL). One allocation per message, only for text that has `&` or a control
+/// character.
+pub fn reveal(text: &str) -> String {
+    let mut decoded = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(amp) = rest.find('&') {
+        decoded.push_str(&rest[..amp]);
+        rest = &rest[amp..];
+        match decode_reference(rest) {
+            Some((c, used)) => {
+                decoded.push(c);
+                rest = &rest[used..];
+            }
+            None => {
+                decoded.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    decoded.push_str(rest);
+    decoded.retain(|c| !(c.is_ascii_control() && c != ' ') && c != '\u{7f}');
+    decoded
+}
+
+/// Decodes the character reference at the start of `s` (which starts with `&`); returns the
+/// character and the bytes it used. The `;` is optional, as browsers accept it in attributes.
+fn decode_reference(s: &str) -> Option<(char, usize)> {
+    let body = &s[1..];
+    if let Some(num) = body.strip_prefix('#') {
+        let (digits, radix, skip) = match num.strip_prefix(['x', 'X']) {
+            Some(hex) => (hex, 16, 2),
+            None => (num, 10, 1),
+        };
+        let len = digits
+            .char_indices()
+            .take_while(|(_, c)| c.is_digit(radix))
+            .map(|(i, c)| i + c.len_utf8())
+            .last()?;
+        let value = u32::from_str_radix(&digits[..len.min(12)], radix).ok()?;
+        let c = char::from_u32(value)?;
+        let mut used = 1 + skip + len;
+        if s[used..].starts_with(';') {
+            used += 1;
+        }
+        return Some((c, used));
+    }
+    const NAMED: [(&str, char); 9] = [
+        ("lt", '<'),
+        ("gt", '>'),
+        ("colon", ':'),
+        ("sol", '/'),
+        ("Tab", '\t'),
+        ("NewLine", '\n'),
+        ("amp", '&'),
+        ("quot", '"'),
+        ("apos", '\''),
+    ];
+    NAMED.iter().find_map(|(name, c)| {
+        let after = body.strip_prefix(name)?;
+        let used = 1 + name.len() + usize::from(after.starts_with(';'));
+        Some((*c, used))
+    })
 }
 
 /// The current time as RFC 3339 with milliseconds, UTC.
@@ -307,6 +382,63 @@ mod tests {
                 (e, g) => panic!("{input}: expected {e:?}, got {g:?}"),
             }
         }
+    }
+
+    #[test]
+    fn disguised_patterns_are_caught_and_ordinary_chat_passes() {
+        let v = Validator::new();
+        for disguised in [
+            "&#106;avascript:alert(1)",
+            "&#0000106avascript:alert(1)",
+            "&#x6A;avascript:alert(1)",
+            "&#X6a;AVASCRIPT:alert(1)",
+            "java\tscript:alert(1)",
+            "java\nscript:alert(1)",
+            "java\r\nscript:alert(1)",
+            "java\u{0}script:alert(1)",
+            "java&Tab;script:alert(1)",
+            "java&NewLine;script:alert(1)",
+            "javascript&colon;alert(1)",
+            "jav&#x09;ascript:alert(1)",
+            "vb\tscript&#58;msgbox",
+            "data:text&sol;html,<b>",
+            "data&colon;text/html;base64,PHNjcmlwdD4=",
+            "&lt;script>alert(1)</script>",
+            "&#60;ScRiPt src=//x>",
+        ] {
+            assert!(v.is_unsafe(disguised), "{disguised:?} should be caught");
+            assert_eq!(
+                v.message(&serde_json::json!({"role": "user", "content": disguised})),
+                Err(ValidationError::Unsafe)
+            );
+        }
+        for ordinary in [
+            "I <3 you",
+            "x < y and y > z",
+            "my script is ready",
+            "meet at 10:30, bring snacks",
+            "AT&T: fine, fish & chips: great",
+            "Tom &amp; Jerry &copy; 1940",
+            "java script: two words",
+            "&#; &#x; &; &lt",
+            "data: text/html is a MIME type",
+        ] {
+            assert!(!v.is_unsafe(ordinary), "{ordinary:?} should pass");
+        }
+    }
+
+    #[test]
+    fn reveal_decodes_references_and_drops_controls() {
+        assert_eq!(reveal("a&#98;c"), "abc");
+        assert_eq!(
+            reveal("a&#x62c"),
+            "a\u{62c}",
+            "hex digits run on, as in browsers"
+        );
+        assert_eq!(reveal("x&lt;y&gt;z&colon;"), "x<y>z:");
+        assert_eq!(reveal("a\tb\nc d"), "abc d");
+        assert_eq!(reveal("&unknown; & &#xZZ;"), "&unknown; & &#xZZ;");
+        assert_eq!(reveal("&#99999999999;"), "&#99999999999;");
     }
 
     #[test]
