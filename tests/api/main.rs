@@ -1,6 +1,7 @@
 //! Integration tests through the real front door (and the real binary for crash tests).
 
 mod helpers;
+mod hostile;
 
 mod admin;
 mod browser;
