@@ -537,6 +537,44 @@ fn limiter_checks() {
     );
 }
 
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Memory of the limiter's key map with a million distinct users, and after pruning.
+fn limiter_memory() {
+    let limiter = chatq::limiter::UserLimiter::new(
+        std::num::NonZeroU32::new(10).unwrap(),
+        Duration::from_secs(1),
+    );
+    let before = rss_mib();
+    for i in 0..1_000_000 {
+        limiter.check(&format!("user-{i:07}"));
+    }
+    let full = rss_mib();
+    std::thread::sleep(Duration::from_millis(1_100));
+    let left = limiter.prune();
+    let pruned = rss_mib();
+    row(
+        "limiter memory: 1,000,000 distinct users (process RSS growth)",
+        format!("{:.0} MiB", full - before),
+        None,
+        None,
+    );
+    row(
+        "limiter after pruning idle keys (keys left, RSS above start)",
+        format!("{left} keys, {:.0} MiB", pruned - before),
+        None,
+        None,
+    );
+}
+
 fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
@@ -569,5 +607,6 @@ fn main() {
     }
     if wanted("limiter") {
         limiter_checks();
+        limiter_memory();
     }
 }

@@ -143,3 +143,40 @@ async fn admin_routes_are_off_on_a_public_address_without_an_admin_token() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_from_one_user_get_exactly_the_quota() {
+    let app = spawn_app(|c| {
+        c.rate_limit = std::num::NonZeroU32::new(10).unwrap();
+    })
+    .await;
+    let app = std::sync::Arc::new(app);
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let app = std::sync::Arc::clone(&app);
+            tokio::spawn(async move {
+                app.post(
+                    "/v1/chat/jobs",
+                    &json!({"user_id": "burst", "prompt": format!("m{i}"), "delay_ms": 60000}),
+                )
+                .await
+                .status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 40);
+    let stats = app.get("/v1/queue/stats").await;
+    assert_eq!(stats.body["delayed"], 10);
+    if let Ok(app) = std::sync::Arc::try_unwrap(app) {
+        app.stop().await;
+    }
+}
