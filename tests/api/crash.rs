@@ -38,16 +38,28 @@ impl Rng {
 
 /// Starts `chatq serve` and returns it with the address from its `listening on` line.
 pub fn start_chatq(data_dir: &Path, extra: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatq"))
+    start_chatq_with_env(data_dir, extra, &[])
+}
+
+/// [`start_chatq`] with extra environment variables (an upstream, say).
+pub fn start_chatq_with_env(
+    data_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chatq"));
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .env_remove("OPENAI_API_KEY")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start chatq");
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("start chatq");
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let addr = loop {

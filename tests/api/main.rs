@@ -5,6 +5,7 @@ mod hostile;
 
 mod admin;
 mod browser;
+mod chaos;
 mod completions;
 mod crash;
 mod jobs;
