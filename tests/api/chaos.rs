@@ -3,6 +3,9 @@
 //! answers 2%; the process is killed with SIGKILL several times mid-load and restarted on the
 //! same data dir. Afterwards every acknowledged job exists and ends `completed` or `failed`,
 //! attempts never exceed the maximum, and no retry came sooner than its backoff.
+//!
+//! Long form, on demand (at least 20 kill cycles and 10 minutes of load):
+//! `CHATQ_CHAOS_CYCLES=20 CHATQ_CHAOS_CYCLE_MS=30000 cargo test --release --test api chaos -- --nocapture`
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,14 +121,28 @@ async fn acknowledged_jobs_survive_kills_and_a_misbehaving_upstream() {
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut kills = Vec::new();
     let http = reqwest::Client::new();
-    const CYCLES: usize = 3;
+    let env_number = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    let cycles = env_number("CHATQ_CHAOS_CYCLES", 3) as usize;
+    let cycle_ms = std::env::var("CHATQ_CHAOS_CYCLE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let started = Instant::now();
     let mut last_base = String::new();
-    for cycle in 0..=CYCLES {
+    for cycle in 0..=cycles {
         let (mut child, base) = start_chatq_with_env(&data, &args, &env);
-        if cycle == CYCLES {
+        if cycle == cycles {
+            println!(
+                "chaos: {cycles} kill cycles, {:.0} s of load",
+                started.elapsed().as_secs_f64()
+            );
             // The last life runs to the end: everything acknowledged must finish.
             last_base = base;
-            let deadline = Instant::now() + Duration::from_secs(90);
+            let deadline = Instant::now() + Duration::from_secs(180);
             loop {
                 let stats: Value = http
                     .get(format!("{last_base}/v1/queue/stats"))
@@ -144,7 +161,7 @@ async fn acknowledged_jobs_survive_kills_and_a_misbehaving_upstream() {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "jobs still open after 90 s: {stats}"
+                    "jobs still open after 180 s: {stats}"
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -188,7 +205,8 @@ async fn acknowledged_jobs_survive_kills_and_a_misbehaving_upstream() {
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(1_200 + 300 * cycle as u64)).await;
+        let load = cycle_ms.unwrap_or(1_200 + 300 * cycle as u64);
+        tokio::time::sleep(Duration::from_millis(load)).await;
         child.kill().unwrap();
         kills.push(Instant::now());
         child.wait().unwrap();
