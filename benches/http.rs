@@ -160,6 +160,17 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
+/// A row with the p50 and p99 of `samples` (sorted here).
+fn latency_row(name: &str, value: &str, samples: &mut [Duration]) {
+    samples.sort();
+    row(
+        name,
+        value.to_owned(),
+        Some(percentile(samples, 0.5)),
+        Some(percentile(samples, 0.99)),
+    );
+}
+
 fn row(name: &str, value: String, p50: Option<f64>, p99: Option<f64>) {
     let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2} ms"));
     println!("| {name} | {value} | {} | {} |", ms(p50), ms(p99));
@@ -330,26 +341,20 @@ async fn round_trips(upstream: SocketAddr, mock: &Mock) {
             completions.push(c);
         }
     }
-    direct.sort();
-    jobs.sort();
-    completions.sort();
-    row(
+    latency_row(
         "direct call to the mock upstream (baseline)",
-        format!("{n} calls"),
-        Some(percentile(&direct, 0.5)),
-        Some(percentile(&direct, 0.99)),
+        &format!("{n} calls"),
+        &mut direct,
     );
-    row(
+    latency_row(
         "submit-and-wait round trip (POST job + GET ?wait)",
-        format!("{n} jobs"),
-        Some(percentile(&jobs, 0.5)),
-        Some(percentile(&jobs, 0.99)),
+        &format!("{n} jobs"),
+        &mut jobs,
     );
-    row(
+    latency_row(
         "non-streamed /v1/chat/completions round trip",
-        format!("{n} calls"),
-        Some(percentile(&completions, 0.5)),
-        Some(percentile(&completions, 0.99)),
+        &format!("{n} calls"),
+        &mut completions,
     );
     row(
         "overhead chatq adds to a non-streamed call (p50 difference)",
@@ -376,12 +381,10 @@ async fn round_trips(upstream: SocketAddr, mock: &Mock) {
             direct_first.push(at.duration_since(t));
         }
     }
-    direct_first.sort();
-    row(
+    latency_row(
         "streaming straight from the mock: request → first chunk (baseline)",
-        "500 streams".to_owned(),
-        Some(percentile(&direct_first, 0.5)),
-        Some(percentile(&direct_first, 0.99)),
+        "500 streams",
+        &mut direct_first,
     );
     let mut first_chunk = Vec::with_capacity(500);
     for i in 0..600 {
@@ -397,12 +400,10 @@ async fn round_trips(upstream: SocketAddr, mock: &Mock) {
             first_chunk.push(at.duration_since(upstream_first));
         }
     }
-    first_chunk.sort();
-    row(
+    latency_row(
         "streaming: upstream's first chunk → client's first chunk",
-        "500 streams".to_owned(),
-        Some(percentile(&first_chunk, 0.5)),
-        Some(percentile(&first_chunk, 0.99)),
+        "500 streams",
+        &mut first_chunk,
     );
 }
 

@@ -15,8 +15,6 @@ mod messages;
 mod pages;
 mod state;
 
-use std::time::Duration;
-
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -194,9 +192,4 @@ async fn metrics(State(state): State<AppState>) -> Response {
         body,
     )
         .into_response()
-}
-
-/// How long a long-poll may hold a request.
-pub const fn max_wait() -> Duration {
-    Duration::from_secs(MAX_WAIT_SECS)
 }

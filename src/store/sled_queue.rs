@@ -737,11 +737,6 @@ impl SledQueue {
         self.db.flush()?;
         Ok(())
     }
-
-    /// Bytes sled uses on disk (for benchmarks).
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
-    }
 }
 
 fn timestamp_of(log_key: &[u8]) -> Millis {

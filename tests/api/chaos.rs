@@ -144,14 +144,7 @@ async fn acknowledged_jobs_survive_kills_and_a_misbehaving_upstream() {
             last_base = base;
             let deadline = Instant::now() + Duration::from_secs(180);
             loop {
-                let stats: Value = http
-                    .get(format!("{last_base}/v1/queue/stats"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let stats = get_json(&http, &format!("{last_base}/v1/queue/stats")).await;
                 let open = ["waiting", "active", "delayed"]
                     .iter()
                     .map(|k| stats[k].as_u64().unwrap())
@@ -218,6 +211,10 @@ async fn acknowledged_jobs_survive_kills_and_a_misbehaving_upstream() {
     assert!(!last_base.is_empty());
 }
 
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Every acknowledged job exists, is finished, and kept to the attempt limit.
 async fn check_jobs(
     http: &reqwest::Client,
@@ -228,14 +225,7 @@ async fn check_jobs(
     let mut jobs = HashMap::new();
     let (mut completed, mut failed) = (0, 0);
     for id in acked {
-        let job: Value = http
-            .get(format!("{base}/v1/chat/jobs/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job = get_json(http, &format!("{base}/v1/chat/jobs/{id}")).await;
         assert_eq!(
             job["id"],
             id.as_str(),
