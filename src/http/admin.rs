@@ -68,8 +68,58 @@ pub struct InteractionsQuery {
 
 #[derive(Debug, Serialize)]
 pub struct InteractionPage {
-    pub data: Vec<Interaction>,
+    pub data: Vec<InteractionView>,
     pub next_cursor: Option<String>,
+}
+
+/// An interaction-log entry as the API shows it: times in RFC 3339 like the job views, with
+/// the millisecond value kept for sorting and export.
+#[derive(Debug, Serialize)]
+pub struct InteractionView {
+    /// The entry's cursor.
+    pub id: String,
+    pub job_id: uuid::Uuid,
+    pub request_id: Option<String>,
+    pub user_id: String,
+    pub guild_id: String,
+    pub action: crate::store::interaction::Action,
+    pub personality: Option<String>,
+    pub prompt: String,
+    pub reply: Option<String>,
+    pub error: Option<String>,
+    pub error_code: Option<String>,
+    pub used_fallback: bool,
+    pub model: Option<String>,
+    pub upstream_latency_ms: Option<u64>,
+    pub usage: Option<crate::store::job::Usage>,
+    pub attempts: u32,
+    pub timestamp: String,
+    pub timestamp_ms: u64,
+}
+
+impl From<Interaction> for InteractionView {
+    fn from(e: Interaction) -> Self {
+        Self {
+            timestamp: super::jobs::rfc3339(e.timestamp),
+            timestamp_ms: e.timestamp,
+            id: e.id,
+            job_id: e.job_id,
+            request_id: e.request_id,
+            user_id: e.user_id,
+            guild_id: e.guild_id,
+            action: e.action,
+            personality: e.personality,
+            prompt: e.prompt,
+            reply: e.reply,
+            error: e.error,
+            error_code: e.error_code,
+            used_fallback: e.used_fallback,
+            model: e.model,
+            upstream_latency_ms: e.upstream_latency_ms,
+            usage: e.usage,
+            attempts: e.attempts,
+        }
+    }
 }
 
 /// Parses a time given as RFC 3339 or as milliseconds since the epoch.
@@ -122,7 +172,11 @@ pub async fn interactions(
     };
     let page = state.queue.query_log(&query)?;
     Ok(Json(InteractionPage {
-        data: page.entries,
+        data: page
+            .entries
+            .into_iter()
+            .map(InteractionView::from)
+            .collect(),
         next_cursor: page.next_cursor,
     }))
 }

@@ -170,3 +170,15 @@ async fn health_readiness_and_prometheus_metrics_that_move() {
     assert!(!text.contains("user_id"), "no per-user labels");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn interaction_times_are_rfc3339_like_the_job_views() {
+    let app = spawn_app(|_| {}).await;
+    let id = app.submit("timely", "hi").await;
+    let job = app.wait_job(&id).await;
+    let log = app.get("/v1/interactions?user_id=timely").await;
+    let entry = &log.body["data"][0];
+    assert_eq!(entry["timestamp"], job["finished_at"]);
+    assert!(entry["timestamp_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    app.stop().await;
+}
