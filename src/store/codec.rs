@@ -24,8 +24,15 @@ pub enum CodecError {
     Trailing(usize),
 }
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The largest record chatq will decode; a damaged length prefix cannot make it allocate more.
+pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
+
+fn config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_RECORD_BYTES>,
+> {
+    bincode::config::standard().with_limit::<MAX_RECORD_BYTES>()
 }
 
 /// Encodes `value` as `[FORMAT_VERSION, bincode...]`.
@@ -79,6 +86,13 @@ mod tests {
         let err = decode::<Sample>(&bytes).unwrap_err();
         assert!(matches!(err, CodecError::UnknownVersion { found: 99 }));
         assert!(err.to_string().contains("version 99"));
+    }
+
+    #[test]
+    fn a_huge_length_prefix_is_an_error_not_an_allocation() {
+        // Version byte, a = 7, Some, then a varint length of u64::MAX for the string.
+        let bytes = [FORMAT_VERSION, 7, 1, 253, 255, 255, 255, 255, 255, 255, 255, 255];
+        assert!(matches!(decode::<Sample>(&bytes), Err(CodecError::Decode(_))));
     }
 
     #[test]
