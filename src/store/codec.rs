@@ -91,8 +91,12 @@ mod tests {
     #[test]
     fn a_huge_length_prefix_is_an_error_not_an_allocation() {
         // Version byte, a = 7, Some, then a varint length of u64::MAX for the string.
-        let bytes = [FORMAT_VERSION, 7, 1, 253, 255, 255, 255, 255, 255, 255, 255, 255];
-        assert!(matches!(decode::<Sample>(&bytes), Err(CodecError::Decode(_))));
+        let mut bytes = vec![FORMAT_VERSION, 7, 1, 253];
+        bytes.extend([255; 8]);
+        assert!(matches!(
+            decode::<Sample>(&bytes),
+            Err(CodecError::Decode(_))
+        ));
     }
 
     #[test]
