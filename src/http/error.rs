@@ -57,9 +57,10 @@ struct Body<'a> {
     error: Detail<'a>,
 }
 
+/// The inner `{"message", "type", "code", "param"}` object.
 #[derive(Serialize)]
-struct Detail<'a> {
-    message: &'a str,
+pub struct Detail<'a> {
+    message: String,
     #[serde(rename = "type")]
     kind: &'static str,
     code: &'a str,
@@ -119,6 +120,11 @@ impl ApiError {
                 message,
                 code,
                 param,
+            }
+            | Self::Validation {
+                message,
+                code,
+                param,
             } => (
                 message.clone(),
                 "invalid_request_error",
@@ -162,16 +168,6 @@ impl ApiError {
                 "unsupported_media_type",
                 None,
             ),
-            Self::Validation {
-                message,
-                code,
-                param,
-            } => (
-                message.clone(),
-                "invalid_request_error",
-                code,
-                param.as_deref(),
-            ),
             Self::RateLimited { retry_after } => (
                 format!("Rate limit exceeded; try again in {retry_after} seconds"),
                 "rate_limit_error",
@@ -193,26 +189,22 @@ impl ApiError {
 }
 
 impl ApiError {
-    /// The inner `{"message", "type", "code", "param"}` object, for an SSE error event.
-    pub fn body(&self) -> serde_json::Value {
+    /// The inner `{"message", "type", "code", "param"}` object, also sent as an SSE error event.
+    pub fn body(&self) -> Detail<'_> {
         let (message, kind, code, param) = self.parts();
-        serde_json::json!({"message": message, "type": kind, "code": code, "param": param})
+        Detail {
+            message,
+            kind,
+            code,
+            param,
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let (message, kind, code, param) = self.parts();
-        let body = Body {
-            error: Detail {
-                message: &message,
-                kind,
-                code,
-                param,
-            },
-        };
-        let mut response = (status, Json(body)).into_response();
+        let mut response = (status, Json(Body { error: self.body() })).into_response();
         match &self {
             Self::RateLimited { retry_after } => {
                 response
