@@ -106,7 +106,7 @@ fn build(
     headers: &HeaderMap,
     user: String,
     id: Uuid,
-) -> Result<NewJob, ApiError> {
+) -> Result<(NewJob, Option<String>), ApiError> {
     let Some(Value::Array(raw)) = &body.messages else {
         return Err(ApiError::bad_request(
             "invalid_request",
@@ -160,8 +160,8 @@ fn build(
     if let Some(g) = &guild_id {
         check_id("X-Guild-Id", g)?;
     }
-    let (personality, _) = personality_of(state, body.model.as_deref())?;
-    Ok(NewJob {
+    let (personality, label) = personality_of(state, body.model.as_deref())?;
+    let job = NewJob {
         id: Some(id),
         user_id: user,
         guild_id,
@@ -178,7 +178,8 @@ fn build(
         max_attempts: state.config.max_attempts,
         idempotency_key: None,
         request_id: jobs::request_id(headers),
-    })
+    };
+    Ok((job, label))
 }
 
 fn unix_secs() -> u64 {
@@ -216,8 +217,7 @@ pub async fn chat_completions(
     let result = async {
         verdict?;
         let id = Uuid::new_v4();
-        let new = build(&state, &body, &headers, user, id)?;
-        let (_, label) = personality_of(&state, body.model.as_deref())?;
+        let (new, label) = build(&state, &body, &headers, user, id)?;
         if body.stream.unwrap_or(false) {
             stream(&state, new, label).await
         } else {
