@@ -17,7 +17,7 @@ use super::error::{ApiError, ApiJson, ApiQuery};
 use super::state::AppState;
 use crate::limiter::Decision;
 use crate::store::job::{ChatRequest, Message, Role};
-use crate::store::{Job, JobError, JobResult, JobState, NewJob};
+use crate::store::{Job, JobError, JobResult, JobState, NewJob, Pushed};
 
 /// Longest user, guild, conversation id and idempotency key, in characters.
 pub const MAX_ID_CHARS: usize = 128;
@@ -344,15 +344,8 @@ pub async fn submit(
     headers: HeaderMap,
     ApiJson(body): ApiJson<SubmitBody>,
 ) -> Result<Response, ApiError> {
-    check_id("user_id", &body.user_id)?;
-    let (decision, verdict) = limit(&state, &body.user_id);
-    let result = async {
-        verdict?;
-        let new = build_job(&state, body, request_id(&headers))?;
-        let pushed = state.queue.push(new).await?;
-        if pushed.created {
-            state.metrics.jobs_accepted.inc();
-        }
+    let (decision, pushed) = submit_job(&state, body, "user_id", &headers).await?;
+    let result = pushed.map(|pushed| {
         let status = if pushed.created {
             StatusCode::ACCEPTED
         } else {
@@ -371,10 +364,33 @@ pub async fn submit(
         if let Ok(v) = HeaderValue::from_str(&location) {
             response.headers_mut().insert(header::LOCATION, v);
         }
-        Ok::<_, ApiError>(response)
+        response
+    });
+    Ok(with_rate_headers(result.into_response(), &decision))
+}
+
+/// The submit flow both job routes share: check the user id (reported as `user_param`),
+/// count the request against the user's limit, validate the rest, push. Returns the limiter's
+/// decision, for the headers of whatever the route answers, and the pushed job or why not.
+pub async fn submit_job(
+    state: &AppState,
+    body: SubmitBody,
+    user_param: &str,
+    headers: &HeaderMap,
+) -> Result<(Decision, Result<Pushed, ApiError>), ApiError> {
+    check_id(user_param, &body.user_id)?;
+    let (decision, verdict) = limit(state, &body.user_id);
+    let pushed = async {
+        verdict?;
+        let new = build_job(state, body, request_id(headers))?;
+        let pushed = state.queue.push(new).await?;
+        if pushed.created {
+            state.metrics.jobs_accepted.inc();
+        }
+        Ok(pushed)
     }
     .await;
-    Ok(with_rate_headers(result.into_response(), &decision))
+    Ok((decision, pushed))
 }
 
 pub fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {

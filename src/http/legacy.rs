@@ -46,37 +46,25 @@ pub async fn submit(
     headers: HeaderMap,
     ApiJson(body): ApiJson<LegacyBody>,
 ) -> Result<Response, ApiError> {
-    jobs::check_id("userId", &body.user_id)?;
-    let (decision, verdict) = jobs::limit(&state, &body.user_id);
-    let result = async {
-        verdict?;
-        let new = jobs::build_job(
-            &state,
-            SubmitBody {
-                user_id: body.user_id,
-                guild_id: body.guild_id,
-                prompt: Some(body.prompt.unwrap_or_default()),
-                history: body.history,
-                personality: body.personality,
-                ..SubmitBody::default()
-            },
-            jobs::request_id(&headers),
-        )?;
-        let pushed = state.queue.push(new).await?;
-        state.metrics.jobs_accepted.inc();
-        Ok::<_, ApiError>(
-            (
-                StatusCode::ACCEPTED,
-                Json(LegacyAccepted {
-                    ok: true,
-                    job_id: pushed.job.id.to_string(),
-                    status: "queued",
-                }),
-            )
-                .into_response(),
+    let submission = SubmitBody {
+        user_id: body.user_id,
+        guild_id: body.guild_id,
+        prompt: Some(body.prompt.unwrap_or_default()),
+        history: body.history,
+        personality: body.personality,
+        ..SubmitBody::default()
+    };
+    let (decision, pushed) = jobs::submit_job(&state, submission, "userId", &headers).await?;
+    let result = pushed.map(|pushed| {
+        (
+            StatusCode::ACCEPTED,
+            Json(LegacyAccepted {
+                ok: true,
+                job_id: pushed.job.id.to_string(),
+                status: "queued",
+            }),
         )
-    }
-    .await;
+    });
     Ok(jobs::with_rate_headers(result.into_response(), &decision))
 }
 
