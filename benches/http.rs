@@ -6,9 +6,8 @@
 //! a table. Pass a word to run only the benchmarks whose name contains it
 //! (`cargo bench --bench http -- accept`).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +17,11 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
+
+#[path = "../tests/api/binary.rs"]
+mod binary;
+
+use binary::get_json;
 
 // ---------------------------------------------------------------- the mock upstream
 
@@ -89,28 +93,16 @@ struct Chatq {
 
 impl Chatq {
     fn start(data: &std::path::Path, upstream: Option<SocketAddr>, args: &[&str]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatq"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .args(["--rate-limit", "1000000", "--keep-completed", "10000000"])
-            .args(args)
-            .env("RUST_LOG", "warn,chatq::app=info")
-            .env_remove("OPENAI_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(addr) = upstream {
-            cmd.env("OPENAI_API_KEY", "bench-key")
-                .env("OPENAI_BASE_URL", format!("http://{addr}/v1"));
-        }
-        let mut child = cmd.spawn().expect("start chatq");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines.next().expect("chatq exited").unwrap();
-            if let Some(pos) = line.find("listening on http://") {
-                break line[pos + "listening on ".len()..].trim().to_owned();
-            }
+        let mut flags = vec!["--rate-limit", "1000000", "--keep-completed", "10000000"];
+        flags.extend_from_slice(args);
+        let env: Vec<(&str, String)> = match upstream {
+            Some(addr) => vec![
+                ("OPENAI_API_KEY", "bench-key".to_owned()),
+                ("OPENAI_BASE_URL", format!("http://{addr}/v1")),
+            ],
+            None => Vec::new(),
         };
-        std::thread::spawn(move || for _ in lines {});
+        let (child, base) = binary::start_chatq_with_env(data, &flags, &env);
         Self {
             child,
             base,
@@ -127,14 +119,7 @@ impl Chatq {
 
     /// Peak resident memory of the chatq process, in MiB.
     fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
+        proc_status_mib(&self.child.id().to_string(), "VmHWM:")
     }
 }
 
@@ -261,14 +246,7 @@ async fn drain(upstream: SocketAddr, workers: usize) {
         .await
         .unwrap();
     loop {
-        let stats: Value = http
-            .get(format!("{}/v1/queue/stats", chatq.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stats = get_json(&http, &format!("{}/v1/queue/stats", chatq.base)).await;
         if stats["completed"].as_u64().unwrap_or(0) + stats["failed"].as_u64().unwrap_or(0) >= total
         {
             assert_eq!(stats["failed"], 0);
@@ -314,14 +292,7 @@ async fn round_trips(upstream: SocketAddr, mock: &Mock) {
             .await
             .unwrap();
         let id = r["id"].as_str().unwrap().to_owned();
-        let job: Value = http
-            .get(format!("{}/v1/chat/jobs/{id}?wait=10", chatq.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job = get_json(&http, &format!("{}/v1/chat/jobs/{id}?wait=10", chatq.base)).await;
         assert_eq!(job["status"], "completed");
         let j = t.elapsed();
         let t = Instant::now();
@@ -464,14 +435,7 @@ async fn time_to_ready() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let ready = started.elapsed();
-    let stats: Value = http
-        .get(format!("{}/v1/queue/stats", chatq.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = get_json(&http, &format!("{}/v1/queue/stats", chatq.base)).await;
     let queued = stats["waiting"].as_u64().unwrap()
         + stats["active"].as_u64().unwrap()
         + stats["completed"].as_u64().unwrap();
@@ -538,14 +502,19 @@ fn limiter_checks() {
     );
 }
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// A memory figure (`VmRSS:`, `VmHWM:`) of process `pid` (or `self`) in MiB; 0 if unreadable.
+fn proc_status_mib(pid: &str, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn rss_mib() -> f64 {
+    proc_status_mib("self", "VmRSS:")
 }
 
 /// Memory of the limiter's key map with a million distinct users, and after pruning.

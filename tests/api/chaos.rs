@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::crash::start_chatq_with_env;
+use crate::binary::{get_json, start_chatq_with_env};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
@@ -209,10 +209,6 @@ async fn acknowledged_jobs_survive_kills_and_a_misbehaving_upstream() {
         }
     }
     assert!(!last_base.is_empty());
-}
-
-async fn get_json(http: &reqwest::Client, url: &str) -> Value {
-    http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 /// Every acknowledged job exists, is finished, and kept to the attempt limit.

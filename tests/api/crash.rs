@@ -3,13 +3,14 @@
 //! after reopening, over several rounds on the same data directory.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chatq::clock;
+
+use crate::binary::start_chatq_with_env;
 use chatq::store::{JobQueue, SledQueue, StoreOptions};
 use serde_json::json;
 
@@ -36,44 +37,9 @@ impl Rng {
     }
 }
 
-/// Starts `chatq serve` and returns it with the address from its `listening on` line.
+/// Starts `chatq serve` without extra environment and returns it with its base URL.
 pub fn start_chatq(data_dir: &Path, extra: &[&str]) -> (Child, String) {
     start_chatq_with_env(data_dir, extra, &[])
-}
-
-/// [`start_chatq`] with extra environment variables (an upstream, say).
-pub fn start_chatq_with_env(
-    data_dir: &Path,
-    extra: &[&str],
-    env: &[(&str, String)],
-) -> (Child, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_chatq"));
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .env_remove("OPENAI_API_KEY")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let mut child = command.spawn().expect("start chatq");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("chatq exited before listening")
-            .unwrap();
-        if let Some(pos) = line.find("listening on http://") {
-            break line[pos + "listening on ".len()..].trim().to_owned();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

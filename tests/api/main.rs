@@ -1,5 +1,6 @@
 //! Integration tests through the real front door (and the real binary for crash tests).
 
+mod binary;
 mod helpers;
 mod hostile;
 

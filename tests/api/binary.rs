@@ -1,0 +1,56 @@
+//! The chatq binary as a process, for the tests and benchmarks that need the real thing
+//! (crashes, signals, load). Also included by `benches/http.rs` through `#[path]`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+/// Starts `chatq serve` on a free loopback port over `data_dir`, with `extra` flags and `env`
+/// variables (no API key unless `env` sets one), and returns it with the base URL read from
+/// its `listening on` line.
+pub fn start_chatq_with_env(
+    data_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chatq"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("OPENAI_API_KEY")
+        .env("RUST_LOG", "warn,chatq::app=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("start chatq");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("chatq exited before listening")
+            .expect("read chatq's log");
+        if let Some(pos) = line.find("listening on http://") {
+            break line[pos + "listening on ".len()..].trim().to_owned();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, base)
+}
+
+/// `GET url` and its JSON body.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url)
+        .send()
+        .await
+        .expect("request sent")
+        .json()
+        .await
+        .expect("a JSON body")
+}
