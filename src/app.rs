@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::http::{self, AppState, Inner};
 use crate::limiter::UserLimiter;
 use crate::metrics::Metrics;
-use crate::store::{JobQueue, SledQueue};
+use crate::store::{JobQueue, ResilientQueue};
 use crate::validate::Validator;
 use crate::worker::{Worker, WorkerPool};
 
@@ -55,7 +55,7 @@ impl App {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let queue: Arc<dyn JobQueue> =
-            Arc::new(SledQueue::open(config.store.clone(), clock.clone())?);
+            Arc::new(ResilientQueue::open(config.store.clone(), clock.clone())?);
         let upstream = config
             .upstream
             .clone()

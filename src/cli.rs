@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// Failed (and cancelled) job records to keep.
     #[arg(long, env = "CHATQ_KEEP_FAILED", default_value_t = 100)]
     pub keep_failed: u64,
+    /// Free space (MiB) to keep on the data directory's disk: below it new jobs get 503 while
+    /// queued work still finishes; 0 turns the reserve off.
+    #[arg(long, env = "CHATQ_MIN_FREE_DISK_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub min_free_disk_mb: u64,
     /// Requests per user per window.
     #[arg(long, env = "CHATQ_RATE_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rate_limit: u32,

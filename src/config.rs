@@ -152,6 +152,7 @@ impl Config {
         };
         store.keep_completed = args.keep_completed;
         store.keep_failed = args.keep_failed;
+        store.min_free_bytes = args.min_free_disk_mb.saturating_mul(1024 * 1024);
         store.log_retention = LogRetention {
             max_entries: args.log_max_entries,
             max_age_ms: args.log_max_age_days.map(|d| d.saturating_mul(86_400_000)),

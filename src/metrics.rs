@@ -61,6 +61,9 @@ pub struct Metrics {
     pub http_requests: Family<RouteLabel, Counter>,
     pub log_failures: Gauge,
     pub store_flushes: Gauge,
+    pub disk_free: Gauge,
+    pub disk_accepting: Gauge,
+    pub store_reopens: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -93,6 +96,9 @@ impl Metrics {
             http_requests: Family::default(),
             log_failures: Gauge::default(),
             store_flushes: Gauge::default(),
+            disk_free: Gauge::default(),
+            disk_accepting: Gauge::default(),
+            store_reopens: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -165,6 +171,21 @@ impl Metrics {
             "Group-commit flushes of the store",
             m.store_flushes.clone(),
         );
+        registry.register(
+            "disk_free_bytes",
+            "Free bytes on the data directory's disk at the last measurement (-1: unknown)",
+            m.disk_free.clone(),
+        );
+        registry.register(
+            "disk_accepting_jobs",
+            "1 while the disk takes new jobs; 0 below the reserve or while recovering from a disk error",
+            m.disk_accepting.clone(),
+        );
+        registry.register(
+            "store_reopens",
+            "Times the store was reopened after a disk error",
+            m.store_reopens.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -219,6 +240,14 @@ impl Metrics {
         }
         self.log_failures.set(queue.log_failures() as i64);
         self.store_flushes.set(queue.flush_stats().flushes as i64);
+        let disk = queue.disk();
+        self.disk_free.set(
+            disk.free_bytes
+                .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+        );
+        self.disk_accepting
+            .set(i64::from(queue.accepting().is_ok()));
+        self.store_reopens.set(disk.reopens as i64);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -16,6 +16,20 @@ pub struct Stats {
     pub durability: &'static str,
     pub upstream: &'static str,
     pub model: String,
+    pub disk: Disk,
+}
+
+/// The data directory's disk, as the store sees it.
+#[derive(Debug, Serialize)]
+pub struct Disk {
+    /// Free bytes at the last measurement (`null` if it could not be measured).
+    pub free_bytes: Option<u64>,
+    pub reserve_bytes: u64,
+    /// `false` while new jobs are refused (disk below the reserve, or recovering from an error).
+    pub accepting_jobs: bool,
+    /// The disk error the store is recovering from.
+    pub failure: Option<String>,
+    pub reopens: u64,
 }
 
 /// `GET /v1/queue/stats`
@@ -33,6 +47,16 @@ pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
             "fallback"
         },
         model: state.bot.model().to_owned(),
+        disk: {
+            let status = state.queue.disk();
+            Disk {
+                free_bytes: status.free_bytes,
+                reserve_bytes: status.reserve_bytes,
+                accepting_jobs: state.queue.accepting().is_ok(),
+                failure: status.failure.map(|f| f.to_string()),
+                reopens: status.reopens,
+            }
+        },
     })
 }
 

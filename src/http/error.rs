@@ -222,6 +222,8 @@ impl IntoResponse for ApiError {
     }
 }
 
+const MIB: u64 = 1024 * 1024;
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -229,13 +231,25 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } => Self::Conflict {
                 message: e.to_string(),
             },
+            StoreError::DiskFull { free, reserve, .. } => Self::Unavailable {
+                // The path stays in the server's log (the monitor names it), not in answers.
+                message: format!(
+                    "Not accepting new jobs: the server's disk is nearly full ({} MiB free, {} MiB kept in reserve); try again later",
+                    free / MIB,
+                    reserve / MIB
+                ),
+            },
+            StoreError::Reopening { .. } => Self::Unavailable {
+                message: "The job store hit a disk error and is recovering; try again shortly"
+                    .to_owned(),
+            },
             StoreError::Storage(_)
             | StoreError::Flush(_)
             | StoreError::Locked { .. }
             | StoreError::Open { .. } => {
                 tracing::error!(error = %e, "store failure");
                 Self::Unavailable {
-                    message: "The job store cannot write right now; try again later".to_owned(),
+                    message: "The job store could not write to disk; try again shortly".to_owned(),
                 }
             }
             StoreError::Codec(_) => {

@@ -177,8 +177,9 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
             message: "Not ready: the workers are not running".to_owned(),
         });
     }
-    // The store answers reads.
+    // The store answers reads and its disk takes new jobs.
     state.queue.next_due()?;
+    state.queue.accepting()?;
     Ok("ready")
 }
 

@@ -14,6 +14,7 @@ mod events;
 mod flusher;
 pub mod interaction;
 pub mod job;
+mod resilient;
 mod sled_queue;
 
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ pub use events::{DeltaSender, DeltaStreams, JobEvents, StreamRegistration, Subsc
 pub use flusher::FlushStats;
 pub use interaction::{Interaction, LogPage, LogQuery, LogRetention};
 pub use job::{Job, JobError, JobResult, JobState, NewJob, QueueCounts};
+pub use resilient::ResilientQueue;
 pub use sled_queue::SledQueue;
 
 use crate::clock::Millis;
@@ -55,6 +57,9 @@ pub struct StoreOptions {
     pub log_retention: LogRetention,
     /// sled's page cache, in bytes.
     pub cache_capacity: u64,
+    /// New jobs are refused while the data directory's file system has less free space than
+    /// this ([`ResilientQueue`]), so the disk never fills under sled's feet.
+    pub min_free_bytes: u64,
 }
 
 impl StoreOptions {
@@ -66,6 +71,7 @@ impl StoreOptions {
             keep_failed: 100,
             log_retention: LogRetention::default(),
             cache_capacity: 64 * 1024 * 1024,
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -87,6 +93,18 @@ pub enum StoreError {
     Flush(Arc<str>),
     #[error("a stored record is unreadable: {0}")]
     Codec(#[from] CodecError),
+    #[error(
+        "the disk holding {path} has {free_mib} MiB free, below the {reserve_mib} MiB reserve (--min-free-disk-mb); new jobs are refused until space is freed",
+        free_mib = free / MIB,
+        reserve_mib = reserve / MIB
+    )]
+    DiskFull {
+        path: PathBuf,
+        free: u64,
+        reserve: u64,
+    },
+    #[error("the store hit a disk error ({cause}) and is reopening")]
+    Reopening { cause: Arc<str> },
     #[error("job {0} not found")]
     NotFound(Uuid),
     #[error("job {id} is {state}; {action} needs it {allowed}")]
@@ -96,6 +114,16 @@ pub enum StoreError {
         action: &'static str,
         allowed: &'static str,
     },
+}
+
+const MIB: u64 = 1024 * 1024;
+
+impl StoreError {
+    /// The disk failed under a write: sled stops writing after its first IO error, so the
+    /// store must be reopened ([`ResilientQueue`] does).
+    pub fn is_disk_failure(&self) -> bool {
+        matches!(self, Self::Storage(sled::Error::Io(_)) | Self::Flush(_))
+    }
 }
 
 /// What a push did.
@@ -159,6 +187,28 @@ pub trait JobQueue: Send + Sync + 'static {
     fn log_failures(&self) -> u64;
     /// Group-commit counters.
     fn flush_stats(&self) -> FlushStats;
+    /// Free space and disk failures, as far as this queue watches them.
+    fn disk(&self) -> DiskStatus {
+        DiskStatus::default()
+    }
+    /// `Ok` while a push could be accepted as far as the disk goes; otherwise the error a
+    /// push would get ([`StoreError::DiskFull`], [`StoreError::Reopening`]).
+    fn accepting(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// What [`JobQueue::disk`] reports.
+#[derive(Debug, Clone, Default)]
+pub struct DiskStatus {
+    /// Free bytes on the data directory's file system at the last measurement.
+    pub free_bytes: Option<u64>,
+    /// Below this, new jobs are refused.
+    pub reserve_bytes: u64,
+    /// The disk error the store is recovering from, if any.
+    pub failure: Option<Arc<str>>,
+    /// Times the store was reopened after a disk error.
+    pub reopens: u64,
 }
 
 #[cfg(test)]

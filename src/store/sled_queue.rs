@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
@@ -147,8 +147,8 @@ pub struct SledQueue {
     log_entries: AtomicU64,
     log_failures: AtomicU64,
     paused: AtomicBool,
-    work: Notify,
-    events: JobEvents,
+    work: Arc<Notify>,
+    events: Arc<JobEvents>,
     // Declared last: dropped after everything above, so its final flush sees every write.
     flusher: Flusher,
 }
@@ -166,6 +166,17 @@ impl SledQueue {
     /// Opens (or creates) the store, rebuilds the index, recovers jobs a crash left `active`
     /// and writes interaction entries a crash left pending.
     pub fn open(options: StoreOptions, clock: SharedClock) -> Result<Self, StoreError> {
+        Self::open_with_signals(options, clock, Arc::default(), Arc::default())
+    }
+
+    /// [`SledQueue::open`] with the work signal and job events of a previous incarnation, so
+    /// waiting workers and long-polls carry on across a reopen ([`super::ResilientQueue`]).
+    pub(crate) fn open_with_signals(
+        options: StoreOptions,
+        clock: SharedClock,
+        work: Arc<Notify>,
+        events: Arc<JobEvents>,
+    ) -> Result<Self, StoreError> {
         let path = options.path.clone();
         let db = sled::Config::new()
             .path(&path)
@@ -199,8 +210,8 @@ impl SledQueue {
             log_entries: AtomicU64::new(0),
             log_failures: AtomicU64::new(0),
             paused: AtomicBool::new(false),
-            work: Notify::new(),
-            events: JobEvents::default(),
+            work,
+            events,
             flusher,
         };
         queue.recover()?;

@@ -642,3 +642,45 @@ async fn a_completion_whose_log_entry_was_cut_off_is_logged_once_at_reopen() {
         assert_eq!(q.counts().completed, 1);
     }
 }
+
+#[tokio::test]
+async fn below_the_free_space_reserve_pushes_are_refused_and_nothing_else_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let mut options = StoreOptions::new(dir.path());
+    let q = ResilientQueue::open(options.clone(), clock.clone()).unwrap();
+    let queued = q.push(NewJob::prompt("u", "before")).await.unwrap().job;
+    let claimed = q.claim().unwrap().unwrap();
+    assert_eq!(claimed.id, queued.id);
+    drop(q);
+
+    // No disk has this much free: the reserve is always short.
+    options.min_free_bytes = u64::MAX - 1;
+    let q = loop {
+        match ResilientQueue::open(options.clone(), clock.clone()) {
+            Err(StoreError::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => break other.unwrap(),
+        }
+    };
+    assert!(matches!(q.accepting(), Err(StoreError::DiskFull { .. })));
+    let refused = q.push(NewJob::prompt("u", "after")).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("below the") && refused.to_string().contains("reserve"),
+        "{refused}"
+    );
+    assert_eq!(q.counts().waiting, 1, "the refused push stored nothing");
+    // Work already queued still runs and finishes.
+    let job = q.claim().unwrap().unwrap();
+    assert_eq!(job.id, queued.id, "recovered after the reopen");
+    let done = q.complete(job.id, result("ok")).await.unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    let status = q.disk();
+    assert_eq!(status.reserve_bytes, u64::MAX - 1);
+    assert!(
+        status.free_bytes.is_some(),
+        "the data dir's disk was measured"
+    );
+    assert!(status.failure.is_none());
+}

@@ -9,6 +9,7 @@ mod browser;
 mod chaos;
 mod completions;
 mod crash;
+mod disk;
 mod jobs;
 mod limits;
 mod python;

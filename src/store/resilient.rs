@@ -1,0 +1,438 @@
+//! Keeps the queue serving through disk trouble.
+//!
+//! Two things go wrong with a disk: it fills up, and it fails a write. [`ResilientQueue`] wraps
+//! the [`SledQueue`] and handles both.
+//!
+//! - **A reserve.** A monitor thread measures the free space of the data directory's file
+//!   system every second. Below [`StoreOptions::min_free_bytes`], pushes are refused with
+//!   [`StoreError::DiskFull`] while everything else goes on (workers finishing jobs, cancels,
+//!   reads, retention), so the queue drains and the disk does not fill under sled. Pushes are
+//!   accepted again at the first measurement that finds the space back.
+//! - **Reopen after a failed write.** sled 0.34 remembers the first IO error of a database and
+//!   fails every later write with it, for good. When an operation fails that way the queue is
+//!   marked broken: pushes get [`StoreError::Reopening`] at once, claims find nothing, and the
+//!   monitor reopens the store as soon as the reserve is free again. It waits for in-flight
+//!   calls to let go of the broken handle, drops it, and opens the directory afresh. sled's
+//!   recovery reads back everything that reached the disk (every acknowledged job did: it was
+//!   flushed before its acknowledgement); jobs that were `active` go back to the queue
+//!   (at-least-once), and waiting workers are woken.
+//!
+//! Long-polls and streams wait on [`JobEvents`] and workers on the work signal; both belong to
+//! this wrapper and are handed to each incarnation of the store, so nobody waits on a store
+//! that is gone.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::flusher::FlushStats;
+use super::interaction::{LogPage, LogQuery};
+use super::job::{Job, JobError, JobResult, JobState, NewJob, QueueCounts};
+use super::{
+    DiskStatus, FailOutcome, JobEvents, JobQueue, Pushed, SledQueue, StoreError, StoreOptions,
+};
+use crate::clock::{Millis, SharedClock};
+
+/// How often the monitor measures free space and, when broken, tries to reopen.
+const TICK: Duration = Duration::from_millis(250);
+/// How long a reopen waits for in-flight calls to let go of the broken store.
+const DRAIN: Duration = Duration::from_secs(5);
+/// How long a reopen retries while sled still holds the directory's lock after the drop.
+const RELOCK: Duration = Duration::from_secs(2);
+/// `free` before the first measurement, or when measuring fails: do not refuse on a guess.
+const UNKNOWN: u64 = u64::MAX;
+
+struct Shared {
+    options: StoreOptions,
+    clock: SharedClock,
+    current: RwLock<Option<Arc<SledQueue>>>,
+    /// Why the store stopped writing; `None` while it is healthy.
+    broken: Mutex<Option<Arc<str>>>,
+    free: AtomicU64,
+    reopens: AtomicU64,
+    work: Arc<Notify>,
+    events: Arc<JobEvents>,
+    stop: Mutex<bool>,
+    tick: Condvar,
+}
+
+/// The [`JobQueue`] chatq runs on: a [`SledQueue`] with a free-space reserve and a reopen
+/// after disk errors.
+pub struct ResilientQueue {
+    shared: Arc<Shared>,
+    monitor: Option<JoinHandle<()>>,
+}
+
+impl ResilientQueue {
+    /// Opens the store and starts the disk monitor thread.
+    pub fn open(options: StoreOptions, clock: SharedClock) -> Result<Self, StoreError> {
+        let work = Arc::new(Notify::new());
+        let events = Arc::new(JobEvents::default());
+        let queue = SledQueue::open_with_signals(
+            options.clone(),
+            clock.clone(),
+            Arc::clone(&work),
+            Arc::clone(&events),
+        )?;
+        let shared = Arc::new(Shared {
+            options,
+            clock,
+            current: RwLock::new(Some(Arc::new(queue))),
+            broken: Mutex::new(None),
+            free: AtomicU64::new(UNKNOWN),
+            reopens: AtomicU64::new(0),
+            work,
+            events,
+            stop: Mutex::new(false),
+            tick: Condvar::new(),
+        });
+        shared.measure();
+        let thread_shared = Arc::clone(&shared);
+        let monitor = std::thread::Builder::new()
+            .name("chatq-disk".into())
+            .spawn(move || thread_shared.monitor())
+            .map_err(|e| StoreError::Flush(format!("starting the disk monitor: {e}").into()))?;
+        Ok(Self {
+            shared,
+            monitor: Some(monitor),
+        })
+    }
+
+    fn queue(&self) -> Result<Arc<SledQueue>, StoreError> {
+        self.shared.queue()
+    }
+
+    /// Notes a disk failure in `result` (the store is then reopened by the monitor).
+    fn watch<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &result {
+            if e.is_disk_failure() {
+                self.shared.mark_broken(e);
+            }
+        }
+        result
+    }
+
+    /// Measures free space now instead of at the next tick (tests and start-up).
+    pub fn measure_now(&self) {
+        self.shared.measure();
+    }
+
+    /// Tries to reopen a broken store now instead of at the next tick.
+    pub fn recover_now(&self) {
+        self.shared.measure();
+        self.shared.maybe_reopen();
+    }
+}
+
+impl Drop for ResilientQueue {
+    fn drop(&mut self) {
+        *lock(&self.shared.stop) = true;
+        self.shared.tick.notify_all();
+        if let Some(monitor) = self.monitor.take() {
+            let _ = monitor.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    fn queue(&self) -> Result<Arc<SledQueue>, StoreError> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        match &*current {
+            Some(queue) => Ok(Arc::clone(queue)),
+            None => Err(StoreError::Reopening {
+                cause: self
+                    .broken()
+                    .unwrap_or_else(|| "the store is closed".into()),
+            }),
+        }
+    }
+
+    fn broken(&self) -> Option<Arc<str>> {
+        lock(&self.broken).clone()
+    }
+
+    fn mark_broken(&self, e: &StoreError) {
+        let mut broken = lock(&self.broken);
+        if broken.is_none() {
+            tracing::error!(
+                data_dir = %self.options.path.display(),
+                error = %e,
+                "the store failed a write; refusing new jobs and reopening it once the disk has room"
+            );
+            *broken = Some(e.to_string().into());
+        }
+    }
+
+    fn reserve_ok(&self) -> Result<(), StoreError> {
+        let free = self.free.load(Ordering::Relaxed);
+        if free < self.options.min_free_bytes {
+            return Err(StoreError::DiskFull {
+                path: self.options.path.clone(),
+                free,
+                reserve: self.options.min_free_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn measure(&self) {
+        let before = self.free.load(Ordering::Relaxed);
+        let free = match available_space(&self.options.path) {
+            Ok(free) => free,
+            Err(e) => {
+                if before != UNKNOWN {
+                    tracing::warn!(data_dir = %self.options.path.display(), error = %e, "cannot measure free disk space");
+                }
+                UNKNOWN
+            }
+        };
+        self.free.store(free, Ordering::Relaxed);
+        let reserve = self.options.min_free_bytes;
+        if free < reserve && before >= reserve {
+            tracing::warn!(
+                data_dir = %self.options.path.display(),
+                free_mib = free / (1024 * 1024),
+                reserve_mib = reserve / (1024 * 1024),
+                "disk nearly full: new jobs are refused until space is freed (--min-free-disk-mb)"
+            );
+        } else if free >= reserve && before < reserve {
+            tracing::info!(data_dir = %self.options.path.display(), free_mib = free / (1024 * 1024), "disk space is back: accepting new jobs");
+        }
+    }
+
+    fn monitor(&self) {
+        loop {
+            {
+                let stop = lock(&self.stop);
+                if *stop {
+                    return;
+                }
+                let (stop, _) = self
+                    .tick
+                    .wait_timeout(stop, TICK)
+                    .unwrap_or_else(|p| p.into_inner());
+                if *stop {
+                    return;
+                }
+            }
+            self.measure();
+            self.maybe_reopen();
+        }
+    }
+
+    /// Reopens a broken store once the reserve is free.
+    fn maybe_reopen(&self) {
+        let Some(cause) = self.broken() else {
+            return;
+        };
+        if self.reserve_ok().is_err() {
+            return;
+        }
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(old) = old {
+            if let Err(old) = let_go(old) {
+                tracing::warn!("the broken store is still in use; trying again at the next tick");
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(old);
+                return;
+            }
+        }
+        let deadline = Instant::now() + RELOCK;
+        loop {
+            match SledQueue::open_with_signals(
+                self.options.clone(),
+                self.clock.clone(),
+                Arc::clone(&self.work),
+                Arc::clone(&self.events),
+            ) {
+                Ok(queue) => {
+                    *self.current.write().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Arc::new(queue));
+                    *lock(&self.broken) = None;
+                    self.reopens.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(data_dir = %self.options.path.display(), after = %cause, "store reopened; accepting new jobs");
+                    self.work.notify_waiters();
+                    return;
+                }
+                Err(e) if Instant::now() < deadline && matches!(e, StoreError::Locked { .. }) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reopening the store failed; trying again at the next tick");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Drops `queue` once in-flight calls have let go of it, or gives it back after [`DRAIN`].
+fn let_go(mut queue: Arc<SledQueue>) -> Result<(), Arc<SledQueue>> {
+    let deadline = Instant::now() + DRAIN;
+    loop {
+        match Arc::try_unwrap(queue) {
+            Ok(queue) => {
+                drop(queue);
+                return Ok(());
+            }
+            Err(still_used) if Instant::now() < deadline => {
+                queue = still_used;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(still_used) => return Err(still_used),
+        }
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `path` (or its
+/// nearest existing ancestor).
+fn available_space(path: &Path) -> std::io::Result<u64> {
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("."));
+    fs2::available_space(existing)
+}
+
+impl JobQueue for ResilientQueue {
+    fn push(&self, job: NewJob) -> BoxFuture<'_, Result<Pushed, StoreError>> {
+        Box::pin(async move {
+            if let Some(cause) = self.shared.broken() {
+                return Err(StoreError::Reopening { cause });
+            }
+            self.shared.reserve_ok()?;
+            let queue = self.queue()?;
+            self.watch(queue.push(job).await)
+        })
+    }
+
+    fn claim(&self) -> Result<Option<Job>, StoreError> {
+        // A broken store cannot mark a job active; the reopen wakes the workers.
+        if self.shared.broken().is_some() {
+            return Ok(None);
+        }
+        let queue = self.queue()?;
+        self.watch(queue.claim())
+    }
+
+    fn complete(&self, id: Uuid, result: JobResult) -> BoxFuture<'_, Result<Job, StoreError>> {
+        Box::pin(async move {
+            let queue = self.queue()?;
+            self.watch(queue.complete(id, result).await)
+        })
+    }
+
+    fn fail(
+        &self,
+        id: Uuid,
+        error: JobError,
+        retry_in: Option<u64>,
+    ) -> BoxFuture<'_, Result<(Job, FailOutcome), StoreError>> {
+        Box::pin(async move {
+            let queue = self.queue()?;
+            self.watch(queue.fail(id, error, retry_in).await)
+        })
+    }
+
+    fn cancel(&self, id: Uuid) -> BoxFuture<'_, Result<Job, StoreError>> {
+        Box::pin(async move {
+            let queue = self.queue()?;
+            self.watch(queue.cancel(id).await)
+        })
+    }
+
+    fn retry(&self, id: Uuid) -> BoxFuture<'_, Result<Job, StoreError>> {
+        Box::pin(async move {
+            let queue = self.queue()?;
+            self.watch(queue.retry(id).await)
+        })
+    }
+
+    fn set_paused(&self, paused: bool) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let queue = self.queue()?;
+            self.watch(queue.set_paused(paused).await)
+        })
+    }
+
+    fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        self.queue()?.get(id)
+    }
+
+    fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.queue()?.list(state, limit)
+    }
+
+    fn counts(&self) -> QueueCounts {
+        self.queue().map(|q| q.counts()).unwrap_or_default()
+    }
+
+    fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        self.queue()?.next_due()
+    }
+
+    fn work_signal(&self) -> &Notify {
+        &self.shared.work
+    }
+
+    fn events(&self) -> &JobEvents {
+        &self.shared.events
+    }
+
+    fn query_log(&self, query: &LogQuery) -> Result<LogPage, StoreError> {
+        self.queue()?.query_log(query)
+    }
+
+    fn prune(&self) -> Result<u64, StoreError> {
+        if self.shared.broken().is_some() {
+            return Ok(0);
+        }
+        let queue = self.queue()?;
+        self.watch(queue.prune())
+    }
+
+    fn sync(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let queue = self.queue()?;
+            self.watch(queue.sync().await)
+        })
+    }
+
+    fn log_failures(&self) -> u64 {
+        self.queue().map(|q| q.log_failures()).unwrap_or_default()
+    }
+
+    fn flush_stats(&self) -> FlushStats {
+        self.queue().map(|q| q.flush_stats()).unwrap_or_default()
+    }
+
+    fn disk(&self) -> DiskStatus {
+        let free = self.shared.free.load(Ordering::Relaxed);
+        DiskStatus {
+            free_bytes: (free != UNKNOWN).then_some(free),
+            reserve_bytes: self.shared.options.min_free_bytes,
+            failure: self.shared.broken(),
+            reopens: self.shared.reopens.load(Ordering::Relaxed),
+        }
+    }
+
+    fn accepting(&self) -> Result<(), StoreError> {
+        if let Some(cause) = self.shared.broken() {
+            return Err(StoreError::Reopening { cause });
+        }
+        self.shared.reserve_ok()
+    }
+}
