@@ -85,7 +85,7 @@ pub enum StoreError {
         "the data directory {path} is already in use by another chatq process; stop it or pass another --data-dir ({detail})"
     )]
     Locked { path: PathBuf, detail: String },
-    #[error("could not open the data directory {path}: {source}")]
+    #[error("could not open the data directory {path}")]
     Open { path: PathBuf, source: sled::Error },
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),

@@ -17,6 +17,9 @@
 //!   flushed before its acknowledgement); jobs that were `active` go back to the queue
 //!   (at-least-once), and waiting workers are woken.
 //!
+//! A reopen that fails (the directory became unreadable, say) is retried with a backoff from
+//! 250 ms up to 30 s.
+//!
 //! Long-polls and streams wait on [`JobEvents`] and workers on the work signal; both belong to
 //! this wrapper and are handed to each incarnation of the store, so nobody waits on a store
 //! that is gone.
@@ -45,6 +48,8 @@ const TICK: Duration = Duration::from_millis(250);
 const DRAIN: Duration = Duration::from_secs(5);
 /// How long a reopen retries while sled still holds the directory's lock after the drop.
 const RELOCK: Duration = Duration::from_secs(2);
+/// Failed reopens are retried at most this far apart.
+const MAX_RETRY: Duration = Duration::from_secs(30);
 /// `free` before the first measurement, or when measuring fails: do not refuse on a guess.
 const UNKNOWN: u64 = u64::MAX;
 
@@ -60,6 +65,8 @@ struct Shared {
     events: Arc<JobEvents>,
     stop: Mutex<bool>,
     tick: Condvar,
+    /// Failed reopens back off: (earliest next attempt, current delay).
+    retry: Mutex<(Instant, Duration)>,
 }
 
 /// The [`JobQueue`] chatq runs on: a [`SledQueue`] with a free-space reserve and a reopen
@@ -91,6 +98,7 @@ impl ResilientQueue {
             events,
             stop: Mutex::new(false),
             tick: Condvar::new(),
+            retry: Mutex::new((Instant::now(), TICK)),
         });
         shared.measure();
         let thread_shared = Arc::clone(&shared);
@@ -116,17 +124,6 @@ impl ResilientQueue {
             }
         }
         result
-    }
-
-    /// Measures free space now instead of at the next tick (tests and start-up).
-    pub fn measure_now(&self) {
-        self.shared.measure();
-    }
-
-    /// Tries to reopen a broken store now instead of at the next tick.
-    pub fn recover_now(&self) {
-        self.shared.measure();
-        self.shared.maybe_reopen();
     }
 }
 
@@ -235,7 +232,7 @@ impl Shared {
         let Some(cause) = self.broken() else {
             return;
         };
-        if self.reserve_ok().is_err() {
+        if self.reserve_ok().is_err() || Instant::now() < lock(&self.retry).0 {
             return;
         }
         let old = self
@@ -262,6 +259,7 @@ impl Shared {
                     *self.current.write().unwrap_or_else(|p| p.into_inner()) =
                         Some(Arc::new(queue));
                     *lock(&self.broken) = None;
+                    *lock(&self.retry) = (Instant::now(), TICK);
                     self.reopens.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(data_dir = %self.options.path.display(), after = %cause, "store reopened; accepting new jobs");
                     self.work.notify_waiters();
@@ -271,12 +269,31 @@ impl Shared {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "reopening the store failed; trying again at the next tick");
+                    let mut retry = lock(&self.retry);
+                    let delay = retry.1;
+                    *retry = (Instant::now() + delay, (delay * 2).min(MAX_RETRY));
+                    tracing::error!(
+                        error = %chain(&e),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "reopening the store failed"
+                    );
                     return;
                 }
             }
         }
     }
+}
+
+/// `e` and its sources, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }
 
 /// Drops `queue` once in-flight calls have let go of it, or gives it back after [`DRAIN`].
