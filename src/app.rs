@@ -31,7 +31,7 @@ use crate::validate::Validator;
 use crate::worker::{Worker, WorkerPool};
 
 /// How often retention runs.
-const PRUNE_EVERY: Duration = Duration::from_secs(5);
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// How often idle rate-limit keys are dropped.
 const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -139,10 +139,13 @@ async fn prune_store(state: AppState, shutdown: CancellationToken) {
             _ = tokio::time::sleep(PRUNE_EVERY) => {}
             _ = shutdown.cancelled() => return,
         }
-        match state.queue.prune() {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(removed = n, "retention pruned old records"),
-            Err(e) => tracing::error!(error = %e, "retention failed"),
+        // Thousands of sled removals after a busy spell: off the async threads.
+        let queue = Arc::clone(&state.queue);
+        match tokio::task::spawn_blocking(move || queue.prune()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(removed = n, "retention pruned old records"),
+            Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+            Err(e) => tracing::error!(error = %e, "retention task failed"),
         }
     }
 }

@@ -53,6 +53,8 @@ use crate::clock::{Millis, SharedClock};
 const PAUSED_KEY: &[u8] = b"paused";
 /// Log retention removes at most this many entries per pass.
 const CHUNK: usize = 1024;
+/// Job retention removes at most this many records per hold of the index lock (~1 ms).
+const PRUNE_CHUNK: u64 = 256;
 
 /// The in-memory orderings, derived from the job records.
 #[derive(Default)]
@@ -593,18 +595,32 @@ impl SledQueue {
     }
 
     /// Removes the oldest finished records of one state beyond `keep`.
+    /// Removes the oldest records of `state` beyond the newest `keep`, [`PRUNE_CHUNK`] at a
+    /// time: the index lock is let go between chunks so pushes and claims are not held up
+    /// behind a long prune.
     fn prune_finished(&self, state: JobState, keep: u64) -> Result<u64, StoreError> {
         let mut removed = 0;
-        let mut index = self.lock();
         loop {
-            let Some(map) = index.finished(state) else {
-                return Ok(removed);
-            };
-            if map.len() as u64 <= keep {
+            let (n, done) = self.prune_finished_chunk(state, keep)?;
+            removed += n;
+            if done {
                 return Ok(removed);
             }
+        }
+    }
+
+    fn prune_finished_chunk(&self, state: JobState, keep: u64) -> Result<(u64, bool), StoreError> {
+        let mut removed = 0;
+        let mut index = self.lock();
+        while removed < PRUNE_CHUNK {
+            let Some(map) = index.finished(state) else {
+                return Ok((removed, true));
+            };
+            if map.len() as u64 <= keep {
+                return Ok((removed, true));
+            }
             let Some((_, id)) = map.pop_first() else {
-                return Ok(removed);
+                return Ok((removed, true));
             };
             if let Some(bytes) = self.jobs.remove(id.as_bytes())? {
                 if let Ok(job) = codec::decode::<Job>(&bytes) {
@@ -618,6 +634,7 @@ impl SledQueue {
             }
             removed += 1;
         }
+        Ok((removed, false))
     }
 
     fn prune_log(&self, retention: LogRetention) -> Result<u64, StoreError> {

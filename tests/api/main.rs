@@ -14,4 +14,5 @@ mod jobs;
 mod limits;
 mod python;
 mod python_sdk;
+mod soak;
 mod worker;
