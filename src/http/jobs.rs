@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -234,14 +234,16 @@ pub fn request_id(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Adds the rate-limit headers to any answer of a limited route.
+/// (Named once: a header name given as `&str` is parsed and copied into a new allocation on
+/// every insert, three times per answer.)
 pub fn with_rate_headers(mut response: Response, decision: &Decision) -> Response {
+    const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+    const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+    const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
     let h = response.headers_mut();
-    h.insert("x-ratelimit-limit", HeaderValue::from(decision.limit));
-    h.insert(
-        "x-ratelimit-remaining",
-        HeaderValue::from(decision.remaining),
-    );
-    h.insert("x-ratelimit-reset", HeaderValue::from(decision.reset_secs));
+    h.insert(LIMIT, HeaderValue::from(decision.limit));
+    h.insert(REMAINING, HeaderValue::from(decision.remaining));
+    h.insert(RESET, HeaderValue::from(decision.reset_secs));
     response
 }
 

@@ -20,6 +20,7 @@ use axum::routing::post;
 use serde_json::{Value, json};
 
 use crate::binary::{get_json, start_chatq_with_env};
+use crate::helpers::wait_until_drained;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
@@ -142,22 +143,7 @@ async fn acknowledged_jobs_survive_kills_and_a_misbehaving_upstream() {
             );
             // The last life runs to the end: everything acknowledged must finish.
             last_base = base;
-            let deadline = Instant::now() + Duration::from_secs(180);
-            loop {
-                let stats = get_json(&http, &format!("{last_base}/v1/queue/stats")).await;
-                let open = ["waiting", "active", "delayed"]
-                    .iter()
-                    .map(|k| stats[k].as_u64().unwrap())
-                    .sum::<u64>();
-                if open == 0 {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "jobs still open after 180 s: {stats}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            wait_until_drained(&http, &last_base, 180).await;
             let acked = acked.lock().unwrap().clone();
             let jobs = check_jobs(&http, &last_base, &acked).await;
             let seen = chaos.seen.lock().unwrap().clone();

@@ -385,3 +385,30 @@ impl TestApp {
         self.dir
     }
 }
+
+/// Waits until the chatq at `base` has no waiting, active or delayed job, for at most `secs`.
+pub async fn wait_until_drained(http: &reqwest::Client, base: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let stats: Value = http
+            .get(format!("{base}/v1/queue/stats"))
+            .send()
+            .await
+            .expect("stats answered")
+            .json()
+            .await
+            .expect("stats are JSON");
+        let open: u64 = ["waiting", "active", "delayed"]
+            .iter()
+            .map(|k| stats[k].as_u64().unwrap_or_default())
+            .sum();
+        if open == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jobs still open after {secs} s: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::binary::{get_json, start_chatq_with_env};
+use crate::helpers::wait_until_drained;
 
 const KEEP_COMPLETED: u64 = 50;
 const LOG_MAX: u64 = 2_000;
@@ -123,19 +124,7 @@ async fn memory_and_disk_stay_bounded_under_steady_load() {
     for s in submitters {
         s.await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let stats = get_json(&http, &format!("{base}/v1/queue/stats")).await;
-        let open: u64 = ["waiting", "active", "delayed"]
-            .iter()
-            .map(|k| stats[k].as_u64().unwrap())
-            .sum();
-        if open == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the queue drains: {stats}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_drained(&http, &base, 120).await;
     // One retention pass runs every second.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
 
