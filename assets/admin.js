@@ -59,8 +59,14 @@ async function refresh() {
       return div;
     });
     $("counts").replaceChildren(...counts);
+    const disk = stats.disk || {};
+    let diskText = disk.free_bytes == null ? "" : " · disk " + (disk.free_bytes / 1073741824).toFixed(1) + " GiB free";
+    if (disk.accepting_jobs === false) {
+      diskText += " · NOT accepting new jobs: " +
+        (disk.failure ? "recovering from a disk error" : "disk below the free-space reserve");
+    }
     $("state").textContent = (stats.paused ? "Paused" : "Running") + " · " + stats.workers + " workers · " +
-      (stats.upstream === "fallback" ? "offline fallback replies" : "model " + stats.model);
+      (stats.upstream === "fallback" ? "offline fallback replies" : "model " + stats.model) + diskText;
     const failed = await api("/v1/jobs?state=failed&limit=20");
     fill("failed", failed.data.map((j) => {
       const tr = document.createElement("tr");

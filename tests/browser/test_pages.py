@@ -198,6 +198,8 @@ class PagesInChromium(unittest.TestCase):
         self.wait_for(lambda: self.driver.find_elements(By.CSS_SELECTOR, "#count-failed") and failed_count() == "1")
         completed = self.driver.find_element(By.CSS_SELECTOR, "#count-completed b").text
         self.assertGreaterEqual(int(completed), 7)
+        # The state line says how the data directory's disk is doing.
+        self.assertRegex(self.driver.find_element(By.ID, "state").text, r"disk \d+\.\d GiB free")
         def click_retry():
             rows = self.driver.find_elements(By.CSS_SELECTOR, "#failed tr")
             self.assertEqual(len(rows), 1)
