@@ -30,8 +30,11 @@ use crate::store::{JobQueue, ResilientQueue};
 use crate::validate::Validator;
 use crate::worker::{Worker, WorkerPool};
 
-/// How often retention runs.
-const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// How often retention runs. Often, so little is ever waiting to be pruned: what piles up
+/// between passes is what sled has to hold and later reclaim. Measured with the store alone
+/// at ~6,000 jobs/s: a pass every second kept 40–70 MiB on disk, every 100 ms 14–21 MiB. An
+/// idle pass costs microseconds.
+const PRUNE_EVERY: Duration = Duration::from_millis(100);
 /// How often idle rate-limit keys are dropped.
 const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
