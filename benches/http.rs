@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 #[path = "../tests/api/binary.rs"]
 mod binary;
 
-use binary::get_json;
+use binary::{get_json, proc_status_kib};
 
 // ---------------------------------------------------------------- the mock upstream
 
@@ -504,13 +504,7 @@ fn limiter_checks() {
 
 /// A memory figure (`VmRSS:`, `VmHWM:`) of process `pid` (or `self`) in MiB; 0 if unreadable.
 fn proc_status_mib(pid: &str, field: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    proc_status_kib(pid, field) as f64 / 1024.0
 }
 
 fn rss_mib() -> f64 {

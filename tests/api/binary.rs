@@ -54,3 +54,14 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
         .await
         .expect("a JSON body")
 }
+
+/// A memory figure (`VmRSS:`, `VmHWM:`) of process `pid` (or `self`) in KiB; 0 if unreadable.
+pub fn proc_status_kib(pid: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap_or(0)
+}

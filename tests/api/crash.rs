@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chatq::clock;
 
-use crate::binary::start_chatq_with_env;
+use crate::binary::{get_json, start_chatq_with_env};
 use chatq::store::{JobQueue, SledQueue, StoreOptions};
 use serde_json::json;
 
@@ -175,14 +175,7 @@ async fn sigterm_shuts_down_cleanly_and_work_continues_after_restart() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit 0 after SIGTERM, got {status}");
     let (mut child, base) = start_chatq(&data, &[]);
-    let job: serde_json::Value = http
-        .get(format!("{base}/v1/chat/jobs/{id}?wait=30"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = get_json(&http, &format!("{base}/v1/chat/jobs/{id}?wait=30")).await;
     assert_eq!(
         job["status"], "completed",
         "the delayed job kept its due time and ran: {job}"

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::binary::{get_json, start_chatq_with_env};
+use crate::binary::{get_json, proc_status_kib, start_chatq_with_env};
 use crate::helpers::wait_until_drained;
 
 const KEEP_COMPLETED: u64 = 50;
@@ -36,15 +36,6 @@ fn disk_usage(dir: &Path) -> u64 {
         };
     }
     total
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 struct Sample {
@@ -121,7 +112,7 @@ async fn memory_and_disk_stay_bounded_under_steady_load() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         samples.push(Sample {
             at: started.elapsed(),
-            rss: rss_bytes(pid),
+            rss: proc_status_kib(&pid.to_string(), "VmRSS:") * 1024,
             disk: disk_usage(&data),
             accepted: accepted.load(Ordering::Relaxed),
         });
