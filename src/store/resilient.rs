@@ -327,10 +327,7 @@ fn available_space(path: &Path) -> std::io::Result<u64> {
 impl JobQueue for ResilientQueue {
     fn push(&self, job: NewJob) -> BoxFuture<'_, Result<Pushed, StoreError>> {
         Box::pin(async move {
-            if let Some(cause) = self.shared.broken() {
-                return Err(StoreError::Reopening { cause });
-            }
-            self.shared.reserve_ok()?;
+            self.accepting()?;
             let queue = self.queue()?;
             self.watch(queue.push(job).await)
         })
