@@ -5,7 +5,7 @@
 //! records, at most `--log-max-entries` interactions) and the samples are printed.
 //! Long form, on demand, also asserts that RSS and disk stay flat once warm (the last quarter's
 //! median within 25% of the second quarter's):
-//! `CHATQ_SOAK_SECS=600 cargo test --release --test api soak -- --nocapture`
+//! `CHATQ_SOAK_SECS=1800 cargo test --release --test api soak -- --nocapture`
 
 use std::path::Path;
 use std::sync::Arc;
