@@ -3,7 +3,10 @@
 //! `cargo bench --bench http` starts `chatq serve` (the release binary) against a fast mock
 //! OpenAI-compatible upstream on loopback, drives it with a concurrent HTTP load generator in
 //! this process (so the figures include the generator's CPU on the same 2 cores), and prints
-//! a table. Pass a word to run only the benchmarks whose name contains it
+//! a table. The throughput and latency runs use a lean keep-alive HTTP/1.1 generator
+//! (`RawConnection`, pre-encoded requests) so that most of the shared CPU goes to chatq, and
+//! report chatq's own CPU time per job, which moves far less than throughput on a shared
+//! machine. Pass a word to run only the benchmarks whose name contains it
 //! (`cargo bench --bench http -- accept`).
 
 use std::net::SocketAddr;
@@ -95,13 +98,16 @@ impl Chatq {
     fn start(data: &std::path::Path, upstream: Option<SocketAddr>, args: &[&str]) -> Self {
         let mut flags = vec!["--rate-limit", "1000000", "--keep-completed", "10000000"];
         flags.extend_from_slice(args);
-        let env: Vec<(&str, String)> = match upstream {
-            Some(addr) => vec![
-                ("OPENAI_API_KEY", "bench-key".to_owned()),
-                ("OPENAI_BASE_URL", format!("http://{addr}/v1")),
-            ],
-            None => Vec::new(),
-        };
+        // chatq's default log level (info), as it runs for its users; CHATQ_BENCH_LOG picks
+        // another (`RUST_LOG` syntax).
+        let mut env = vec![(
+            "RUST_LOG",
+            std::env::var("CHATQ_BENCH_LOG").unwrap_or_default(),
+        )];
+        if let Some(addr) = upstream {
+            env.push(("OPENAI_API_KEY", "bench-key".to_owned()));
+            env.push(("OPENAI_BASE_URL", format!("http://{addr}/v1")));
+        }
         let (child, base) = binary::start_chatq_with_env(data, &flags, &env);
         Self {
             child,
@@ -128,6 +134,97 @@ impl Drop for Chatq {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// CPU time (user + system) process `pid` has used so far, read from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the first; utime and
+    // stime are the 12th and 13th, in clock ticks (USER_HZ, 100 on Linux).
+    let after_name = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+// ---------------------------------------------------------------- a lean load generator
+
+/// One keep-alive HTTP/1.1 connection that writes a pre-encoded request and reads the whole
+/// answer. It costs the generator a few microseconds per request where a full client
+/// (reqwest) costs several times more, and the generator shares the 2 cores with chatq.
+struct RawConnection {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConnection {
+    async fn open(base: &str) -> Self {
+        let stream = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self {
+            stream,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Sends `request` and returns the answer's status and body.
+    async fn send(&mut self, request: &[u8]) -> (u16, Vec<u8>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(request).await.unwrap();
+        loop {
+            if let Some((status, head, total)) = parse_head(&self.buf)
+                && self.buf.len() >= total
+            {
+                let body = self.buf[head..total].to_vec();
+                self.buf.drain(..total);
+                return (status, body);
+            }
+            let n = self.stream.read_buf(&mut self.buf).await.unwrap();
+            assert!(n > 0, "the server closed the connection");
+        }
+    }
+}
+
+/// For a complete response head at the start of `buf`: the status, the head's length and the
+/// response's total length (every answer measured here carries a `Content-Length`).
+fn parse_head(buf: &[u8]) -> Option<(u16, usize, usize)> {
+    let head_len = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_len]).expect("an ASCII response head");
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let length = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .expect("a Content-Length header");
+    Some((status, head_len, head_len + length))
+}
+
+/// `method path` with `body` (JSON) as HTTP/1.1 bytes for `RawConnection::send`.
+fn raw_request(method: &str, base: &str, path: &str, body: Option<&Value>) -> Vec<u8> {
+    let host = base.trim_start_matches("http://");
+    match body {
+        Some(body) => {
+            let body = body.to_string();
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        }
+        None => format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+    }
+    .into_bytes()
 }
 
 fn client() -> reqwest::Client {
@@ -174,18 +271,21 @@ async fn accept(durability: &str) {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let run_for = Duration::from_secs(5);
+    let pid = chatq.child.id();
+    let cpu_before = cpu_time(pid);
     let started = Instant::now();
     let tasks: Vec<_> = (0..64)
         .map(|c| {
-            let (http, base, stop, count) = (http.clone(), chatq.base.clone(), stop.clone(), count.clone());
+            let (base, stop, count) = (chatq.base.clone(), stop.clone(), count.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(8192);
                 let body = json!({"user_id": format!("user-{c}"), "prompt": "What is the capital of France?"});
+                let request = raw_request("POST", &base, "/v1/chat/jobs", Some(&body));
+                let mut connection = RawConnection::open(&base).await;
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    let r = http.post(format!("{base}/v1/chat/jobs")).json(&body).send().await.unwrap();
-                    assert_eq!(r.status(), 202);
-                    let _ = r.bytes().await;
+                    let (status, _) = connection.send(&request).await;
+                    assert_eq!(status, 202);
                     latencies.push(t.elapsed());
                     count.fetch_add(1, Ordering::Relaxed);
                 }
@@ -200,12 +300,20 @@ async fn accept(durability: &str) {
         all.extend(t.await.unwrap());
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_time(pid) - cpu_before;
+    let accepted = count.load(Ordering::Relaxed);
     all.sort();
     row(
         &format!("accepted jobs/s, 64 connections, {durability}"),
-        format!("{:.0}", count.load(Ordering::Relaxed) as f64 / elapsed),
+        format!("{:.0}", accepted as f64 / elapsed),
         Some(percentile(&all, 0.5)),
         Some(percentile(&all, 0.99)),
+    );
+    row(
+        &format!("chatq's CPU per accepted job, {durability}"),
+        format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / accepted.max(1) as f64),
+        None,
+        None,
     );
     row(
         &format!("peak RSS of chatq during the {durability} accept run"),
@@ -226,12 +334,13 @@ async fn drain(upstream: SocketAddr, workers: usize) {
         .unwrap();
     let tasks: Vec<_> = (0..64)
         .map(|c| {
-            let (http, base) = (http.clone(), chatq.base.clone());
+            let base = chatq.base.clone();
             tokio::spawn(async move {
                 let body = json!({"user_id": format!("user-{c}"), "prompt": "What is the capital of France?"});
+                let request = raw_request("POST", &base, "/v1/chat/jobs", Some(&body));
+                let mut connection = RawConnection::open(&base).await;
                 for _ in 0..n / 64 {
-                    let r = http.post(format!("{base}/v1/chat/jobs")).json(&body).send().await.unwrap();
-                    assert_eq!(r.status(), 202);
+                    assert_eq!(connection.send(&request).await.0, 202);
                 }
             })
         })
@@ -240,6 +349,8 @@ async fn drain(upstream: SocketAddr, workers: usize) {
         t.await.unwrap();
     }
     let total = (n / 64 * 64) as u64;
+    let pid = chatq.child.id();
+    let cpu_before = cpu_time(pid);
     let started = Instant::now();
     http.post(format!("{}/v1/queue/resume", chatq.base))
         .send()
@@ -254,9 +365,17 @@ async fn drain(upstream: SocketAddr, workers: usize) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_time(pid) - cpu_before;
     row(
         &format!("drained jobs/s end to end, {workers} workers, zero-latency upstream"),
-        format!("{:.0}", total as f64 / started.elapsed().as_secs_f64()),
+        format!("{:.0}", total as f64 / elapsed),
+        None,
+        None,
+    );
+    row(
+        &format!("chatq's CPU per drained job, {workers} workers"),
+        format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / total as f64),
         None,
         None,
     );
@@ -271,39 +390,46 @@ async fn round_trips(upstream: SocketAddr, mock: &Mock) {
     let mut direct = Vec::with_capacity(n);
     let mut jobs = Vec::with_capacity(n);
     let mut completions = Vec::with_capacity(n);
+    let mock_base = format!("http://{upstream}");
+    let mut to_mock = RawConnection::open(&mock_base).await;
+    let mut to_chatq = RawConnection::open(&chatq.base).await;
+    let direct_call = raw_request(
+        "POST",
+        &mock_base,
+        "/v1/chat/completions",
+        Some(&completion),
+    );
+    let submit = raw_request("POST", &chatq.base, "/v1/chat/jobs", Some(&body));
+    let relayed_call = raw_request(
+        "POST",
+        &chatq.base,
+        "/v1/chat/completions",
+        Some(&completion),
+    );
     for i in 0..n + 100 {
         let t = Instant::now();
-        let r = http
-            .post(format!("http://{upstream}/v1/chat/completions"))
-            .json(&completion)
-            .send()
-            .await
-            .unwrap();
-        let _ = r.bytes().await;
+        assert_eq!(to_mock.send(&direct_call).await.0, 200);
         let d = t.elapsed();
         let t = Instant::now();
-        let r: Value = http
-            .post(format!("{}/v1/chat/jobs", chatq.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = r["id"].as_str().unwrap().to_owned();
-        let job = get_json(&http, &format!("{}/v1/chat/jobs/{id}?wait=10", chatq.base)).await;
-        assert_eq!(job["status"], "completed");
+        let (status, answer) = to_chatq.send(&submit).await;
+        assert_eq!(status, 202);
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        let id = answer["id"].as_str().unwrap();
+        let wait = raw_request(
+            "GET",
+            &chatq.base,
+            &format!("/v1/chat/jobs/{id}?wait=10"),
+            None,
+        );
+        let (status, job) = to_chatq.send(&wait).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&job).unwrap()["status"],
+            "completed"
+        );
         let j = t.elapsed();
         let t = Instant::now();
-        let r = http
-            .post(format!("{}/v1/chat/completions", chatq.base))
-            .json(&completion)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let _ = r.bytes().await;
+        assert_eq!(to_chatq.send(&relayed_call).await.0, 200);
         let c = t.elapsed();
         if i >= 100 {
             // The first 100 warm up connections and caches.
