@@ -594,7 +594,6 @@ impl SledQueue {
         Ok(job)
     }
 
-    /// Removes the oldest finished records of one state beyond `keep`.
     /// Removes the oldest records of `state` beyond the newest `keep`, [`PRUNE_CHUNK`] at a
     /// time: the index lock is let go between chunks so pushes and claims are not held up
     /// behind a long prune.
