@@ -1,10 +1,17 @@
 //! Group commit: one thread flushes sled for every caller waiting at that moment.
 //!
 //! Callers that need durability call [`Flusher::flush`]; their request joins the batch that
-//! the flusher thread takes next. One `db.flush()` (one fsync of sled's log) then answers the
-//! whole batch, so N concurrent writers cost one fsync, not N. Requests that arrive while a
-//! flush is running wait for the next one: a flush that started before a caller's write
-//! finished might not include it.
+//! the flusher thread takes next. One flush then answers the whole batch, so N concurrent
+//! writers cost one fsync, not N. Requests that arrive while a flush is running wait for the
+//! next one: a flush that started before a caller's write finished might not include it.
+//!
+//! A flush is `db.flush()` and then `fdatasync` of sled's log file. sled 0.34's own flush
+//! writes its buffers with `sync_file_range`, which waits for the data to reach the device
+//! but neither asks the device to empty its write cache nor records a grown file's new
+//! length, so on its own it survives a crash of chatq or of the kernel, not a power cut;
+//! sled's full `fsync` comes only from its background thread, every 500 ms. The
+//! `fdatasync` makes an acknowledged write survive a power cut too (on hardware that honours
+//! it). Its cost on the development machine is in `BENCHMARKS.md`.
 //!
 //! Why a dedicated OS thread and a std `Mutex`/`Condvar` rather than a tokio task: the flush
 //! is a blocking syscall; calling sled's `flush_async` from many tasks at once was seen to
@@ -58,7 +65,8 @@ pub struct FlushStats {
 }
 
 impl Flusher {
-    pub(crate) fn start(db: sled::Db) -> std::io::Result<Self> {
+    /// Starts the flusher thread for `db`, whose log file is `log_file`.
+    pub(crate) fn start(db: sled::Db, log_file: std::fs::File) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -69,7 +77,7 @@ impl Flusher {
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("chatq-flusher".into())
-            .spawn(move || run(db, &thread_shared))?;
+            .spawn(move || run(&db, &log_file, &thread_shared))?;
         Ok(Self {
             shared,
             thread: Some(thread),
@@ -119,7 +127,15 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn run(db: sled::Db, shared: &Shared) {
+/// Writes out what sled buffers and makes it durable.
+pub(crate) fn flush(db: &sled::Db, log_file: &std::fs::File) -> Result<(), String> {
+    db.flush().map_err(|e| e.to_string())?;
+    log_file
+        .sync_data()
+        .map_err(|e| format!("syncing the store's log file: {e}"))
+}
+
+fn run(db: &sled::Db, log_file: &std::fs::File, shared: &Shared) {
     loop {
         let batch = {
             let mut state = lock(&shared.state);
@@ -137,9 +153,9 @@ fn run(db: sled::Db, shared: &Shared) {
             std::mem::take(&mut state.waiters)
         };
         let started = std::time::Instant::now();
-        let result = db.flush().map(|_| ()).map_err(|e| {
+        let result = flush(db, log_file).map_err(|e| {
             tracing::error!(error = %e, "flushing the store failed");
-            Arc::<str>::from(e.to_string())
+            Arc::<str>::from(e)
         });
         shared
             .flush_nanos
@@ -154,7 +170,7 @@ fn run(db: sled::Db, shared: &Shared) {
         }
     }
     // Shutdown: whatever sled still buffers goes to disk.
-    if let Err(e) = db.flush() {
+    if let Err(e) = flush(db, log_file) {
         tracing::error!(error = %e, "final flush of the store failed");
     }
 }

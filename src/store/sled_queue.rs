@@ -42,7 +42,7 @@ use uuid::Uuid;
 
 use super::codec;
 use super::events::JobEvents;
-use super::flusher::{FlushStats, Flusher};
+use super::flusher::{self, FlushStats, Flusher};
 use super::interaction::{
     self, Action, GLOBAL_GUILD, Interaction, LogPage, LogQuery, LogRetention,
 };
@@ -138,6 +138,8 @@ impl Index {
 
 pub struct SledQueue {
     db: sled::Db,
+    /// sled's log file, for `fdatasync` after a flush.
+    log_file: std::fs::File,
     jobs: sled::Tree,
     log: sled::Tree,
     log_user: sled::Tree,
@@ -197,8 +199,13 @@ impl SledQueue {
                     source,
                 },
             })?;
-        let flusher =
-            Flusher::start(db.clone()).map_err(|e| StoreError::Flush(e.to_string().into()))?;
+        // sled's log file, synced after each flush (see `flusher.rs`).
+        let log_file = std::fs::File::open(path.join("db"))
+            .map_err(|e| StoreError::Flush(format!("opening the store's log file: {e}").into()))?;
+        let flusher = log_file
+            .try_clone()
+            .and_then(|file| Flusher::start(db.clone(), file))
+            .map_err(|e| StoreError::Flush(e.to_string().into()))?;
         let queue = Self {
             jobs: db.open_tree("jobs")?,
             log: db.open_tree("log")?,
@@ -206,6 +213,7 @@ impl SledQueue {
             log_guild: db.open_tree("log_by_guild")?,
             meta: db.open_tree("meta")?,
             db,
+            log_file,
             options,
             clock,
             index: Mutex::new(Index::default()),
@@ -758,11 +766,10 @@ impl SledQueue {
         Ok(jobs)
     }
 
-    /// Flushes sled directly, bypassing group commit: a blocking call. Only for measuring
-    /// what group commit saves (`benches/queue.rs`); chatq itself never calls it.
+    /// Flushes sled and syncs its log file directly, bypassing group commit: a blocking call.
+    /// Only for measuring what group commit saves (`benches/queue.rs`); chatq never calls it.
     pub fn flush_direct(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        flusher::flush(&self.db, &self.log_file).map_err(|e| StoreError::Flush(e.into()))
     }
 }
 

@@ -512,6 +512,29 @@ async fn active_jobs_are_recovered_on_reopen_with_their_attempts() {
 }
 
 #[tokio::test]
+async fn large_records_stored_as_sled_blobs_survive_a_reopen() {
+    // Values and nodes over ~128 KiB go to separate blob files, which chatq's copy of sled syncs
+    // (vendor/sled/CHATQ-PATCH.md); make sure that path stores and reads back.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let prompts: Vec<String> = (0..4).map(|i| format!("{i}").repeat(200_000)).collect();
+    let ids: Vec<_> = {
+        let q = open_at(dir.path(), clock.clone());
+        let mut ids = Vec::new();
+        for prompt in &prompts {
+            ids.push(push(&q, NewJob::prompt("u", prompt)).await.id);
+        }
+        ids
+    };
+    let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+    assert!(blobs > 0, "the records were large enough to become blobs");
+    let q = open_at(dir.path(), clock);
+    for (id, prompt) in ids.iter().zip(&prompts) {
+        assert_eq!(&q.get(*id).unwrap().unwrap().request.prompt, prompt);
+    }
+}
+
+#[tokio::test]
 async fn a_second_open_of_the_same_directory_is_refused_clearly() {
     let (dir, clock, _q) = setup();
     match SledQueue::open(StoreOptions::new(dir.path()), clock) {

@@ -90,7 +90,11 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
+    f.write_all(&data)?;
+    // chatq patch: make the blob durable before the log entry that points at it can be.
+    // Upstream never syncs blob files, so after a power cut a durable log entry could point
+    // at a blob that was lost.
+    f.sync_all()
         .map(|r| {
             trace!("successfully wrote blob at {:?}", path);
             r
