@@ -99,11 +99,13 @@ impl Chatq {
         let mut flags = vec!["--rate-limit", "1000000", "--keep-completed", "10000000"];
         flags.extend_from_slice(args);
         // chatq's default log level (info), as it runs for its users; CHATQ_BENCH_LOG picks
-        // another (`RUST_LOG` syntax).
-        let mut env = vec![(
-            "RUST_LOG",
-            std::env::var("CHATQ_BENCH_LOG").unwrap_or_default(),
-        )];
+        // another (`RUST_LOG` syntax). `chatq::app` stays at info: its "listening on" line
+        // is how the bench learns the port.
+        let log = std::env::var("CHATQ_BENCH_LOG").map_or_else(
+            |_| String::new(),
+            |filter| format!("{filter},chatq::app=info"),
+        );
+        let mut env = vec![("RUST_LOG", log)];
         if let Some(addr) = upstream {
             env.push(("OPENAI_API_KEY", "bench-key".to_owned()));
             env.push(("OPENAI_BASE_URL", format!("http://{addr}/v1")));
