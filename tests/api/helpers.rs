@@ -17,6 +17,8 @@ use chatq::config::{Config, Secret};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::binary::get_json;
+
 pub const TEST_KEY: &str = "sk-test-key-0123456789";
 
 /// One scripted answer of the mock upstream.
@@ -390,14 +392,7 @@ impl TestApp {
 pub async fn wait_until_drained(http: &reqwest::Client, base: &str, secs: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
-        let stats: Value = http
-            .get(format!("{base}/v1/queue/stats"))
-            .send()
-            .await
-            .expect("stats answered")
-            .json()
-            .await
-            .expect("stats are JSON");
+        let stats = get_json(http, &format!("{base}/v1/queue/stats")).await;
         let open: u64 = ["waiting", "active", "delayed"]
             .iter()
             .map(|k| stats[k].as_u64().unwrap_or_default())
