@@ -20,7 +20,7 @@ use axum::routing::post;
 use serde_json::{Value, json};
 
 use crate::binary::{get_json, start_chatq_with_env};
-use crate::helpers::wait_until_drained;
+use crate::helpers::{client_for_killed_server, wait_until_drained};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
@@ -121,7 +121,7 @@ async fn acknowledged_jobs_survive_kills_and_a_misbehaving_upstream() {
     ];
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut kills = Vec::new();
-    let http = reqwest::Client::new();
+    let http = client_for_killed_server();
     let env_number = |name: &str, default: u64| {
         std::env::var(name)
             .ok()

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chatq::clock;
 
 use crate::binary::{get_json, start_chatq_with_env};
+use crate::helpers::client_for_killed_server;
 use chatq::store::{JobQueue, SledQueue, StoreOptions};
 use serde_json::json;
 
@@ -61,7 +62,7 @@ async fn acknowledged_jobs_survive_sigkill_at_a_random_moment() {
                 "2",
             ],
         );
-        let http = reqwest::Client::new();
+        let http = client_for_killed_server();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut pushers = Vec::new();
         for p in 0..8 {

@@ -407,3 +407,15 @@ pub async fn wait_until_drained(http: &reqwest::Client, base: &str, secs: u64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An HTTP client for load against a chatq that the test kills: each request gives up after
+/// 10 s. After its server died, hyper's connection pool can leave a request waiting for a
+/// pooled connection that never comes back (hyperium/hyper#2312); without a timeout that
+/// request, and the test awaiting it, hang for good (seen once in the chaos test: no socket
+/// open, no timer pending).
+pub fn client_for_killed_server() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("a reqwest client")
+}
