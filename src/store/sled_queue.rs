@@ -352,9 +352,19 @@ impl SledQueue {
             });
         }
         job.seq = index.seq();
-        self.write(&job)?;
-        index.add(&job);
-        drop(index);
+        if new.id.is_none() && new.idempotency_key.is_none() {
+            // A fresh random id that no other call can know before this one returns: nothing
+            // can read or move the job meanwhile, so the record is written outside the index
+            // lock (held across sled's insert, it made concurrent pushes and claims queue
+            // behind each other). The job joins the index once its record is written.
+            drop(index);
+            self.write(&job)?;
+            self.lock().add(&job);
+        } else {
+            self.write(&job)?;
+            index.add(&job);
+            drop(index);
+        }
         // Wake a worker now: it may start on the job while the flush runs. If the process
         // dies before the flush, the job was never acknowledged, so nothing promised is lost.
         self.work.notify_one();

@@ -589,6 +589,85 @@ async fn concurrent_claims_hand_out_each_job_exactly_once() {
     assert_eq!(q.counts().completed, JOBS as u64);
 }
 
+/// Fresh pushes write their record outside the index lock; racing them against claimers
+/// must still hand every job out exactly once, and racing pushes with one idempotency key
+/// (which keep the lock) must still make one job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushes_racing_claims_lose_nothing_and_one_idempotency_key_makes_one_job() {
+    let (_dir, _clock, q) = setup();
+    let q = Arc::new(q);
+    const PUSHERS: usize = 8;
+    const EACH: usize = 100;
+    let claimed_total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let claimers: Vec<_> = (0..8)
+        .map(|_| {
+            let (q, claimed_total) = (Arc::clone(&q), Arc::clone(&claimed_total));
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while claimed_total.load(std::sync::atomic::Ordering::SeqCst) < PUSHERS * EACH
+                    && std::time::Instant::now() < give_up
+                {
+                    match q.claim().unwrap() {
+                        Some(job) => {
+                            claimed_total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            mine.push(job.id);
+                            q.complete(job.id, result("ok")).await.unwrap();
+                        }
+                        None => tokio::task::yield_now().await,
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    let pushers: Vec<_> = (0..PUSHERS)
+        .map(|p| {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..EACH {
+                    ids.push(push(&q, NewJob::prompt("u", &format!("{p}-{i}"))).await.id);
+                }
+                ids
+            })
+        })
+        .collect();
+    let same_key: Vec<_> = (0..16)
+        .map(|i| {
+            let q = Arc::clone(&q);
+            let mut new = NewJob::prompt("u", &format!("keyed {i}"));
+            new.idempotency_key = Some("one".into());
+            tokio::spawn(async move { q.push(new).await.unwrap() })
+        })
+        .collect();
+    let mut pushed = HashSet::new();
+    for t in pushers {
+        pushed.extend(t.await.unwrap());
+    }
+    let mut keyed = Vec::new();
+    for t in same_key {
+        keyed.push(t.await.unwrap());
+    }
+    assert_eq!(keyed.iter().filter(|p| p.created).count(), 1);
+    assert!(keyed.iter().all(|p| p.job.id == keyed[0].job.id));
+    // The keyed job is queued too; the claimers stop after the fresh ones' count, so it may
+    // or may not be among what they took.
+    pushed.insert(keyed[0].job.id);
+    let mut claimed = Vec::new();
+    for t in claimers {
+        claimed.extend(t.await.unwrap());
+    }
+    let unique: HashSet<_> = claimed.iter().copied().collect();
+    assert_eq!(unique.len(), claimed.len(), "no job handed out twice");
+    assert!(unique.is_subset(&pushed), "only pushed jobs handed out");
+    let left = q.claim().unwrap().map(|j| j.id);
+    let mut all = unique.clone();
+    all.extend(left);
+    assert_eq!(all, pushed, "every pushed job claimable exactly once");
+    assert!(q.claim().unwrap().is_none());
+}
+
 #[tokio::test]
 async fn long_poll_subscription_wakes_on_completion_and_cleans_up() {
     let (_dir, _clock, q) = setup();
