@@ -518,11 +518,14 @@ impl SledQueue {
     fn log_finished(&self, job: &mut Job) -> Result<(), StoreError> {
         if self.append_log(job) {
             job.log_pending = false;
-            let _index = self.lock();
-            // Only clear the flag if nothing else rewrote the record meanwhile.
-            if self
-                .read(job.id)?
-                .is_some_and(|stored| stored.state == job.state && stored.seq == job.seq)
+            let mut index = self.lock();
+            // Only clear the flag if nothing else rewrote or removed the record meanwhile (an
+            // admin retry gives it a new seq, retention drops it): the index still files it
+            // under the same finished state, time and seq. Cheaper than reading it back.
+            let at = (job.finished_at.unwrap_or_default(), job.seq);
+            if index
+                .finished(job.state)
+                .is_some_and(|map| map.get(&at) == Some(&job.id))
             {
                 self.write(job)?;
             }

@@ -197,6 +197,10 @@ async fn complete_records_result_and_one_interaction() {
     assert_eq!(e.action, interaction::Action::ChatBotInteraction);
     assert_eq!(e.reply.as_deref(), Some("hi there"));
     assert_eq!(e.upstream_latency_ms, Some(5));
+    assert!(
+        !q.get(job.id).unwrap().unwrap().log_pending,
+        "the stored record says its entry is written, so a reopen does not write it again"
+    );
     // Completing twice is a conflict, not a second log entry.
     assert!(matches!(
         q.complete(job.id, result("again")).await,
@@ -245,6 +249,7 @@ async fn failures_retry_until_max_attempts_then_fail_and_log() {
     assert_eq!(page.entries[0].action, interaction::Action::ChatBotError);
     assert_eq!(page.entries[0].error_code.as_deref(), Some("openai_error"));
     assert_eq!(page.entries[0].attempts, 3);
+    assert!(!q.get(job.id).unwrap().unwrap().log_pending);
 }
 
 #[tokio::test]
