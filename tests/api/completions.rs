@@ -366,3 +366,42 @@ async fn models_lists_the_model_and_personality_aliases() {
     }
     app.stop().await;
 }
+
+/// chatq's end of every accepted connection has `TCP_NODELAY`: with Nagle's algorithm a small
+/// write (a stream chunk) that follows one the client has not acknowledged yet waits for the
+/// client's delayed ACK, 40 ms on Linux; that stalled a few percent of streamed replies.
+#[tokio::test]
+async fn accepted_connections_send_small_writes_at_once() {
+    use std::os::fd::BorrowedFd;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = spawn_app(|_| {}).await;
+    let mut client = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    client
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: chatq\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    client.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let ours = client.local_addr().unwrap();
+    // chatq runs in this process: its end of the connection is one of our own descriptors.
+    let mut server_side = None;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the descriptor is only duplicated, and a number closed meanwhile makes the
+        // duplication fail, which is skipped.
+        let Ok(owned) = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() else {
+            continue;
+        };
+        let socket = std::net::TcpStream::from(owned);
+        if socket.local_addr().ok() == Some(app.addr) && socket.peer_addr().ok() == Some(ours) {
+            server_side = Some(socket);
+            break;
+        }
+    }
+    let server_side = server_side.expect("chatq's end of the connection among our descriptors");
+    assert!(server_side.nodelay().unwrap(), "TCP_NODELAY is set");
+}
