@@ -599,23 +599,26 @@ async fn concurrent_claims_hand_out_each_job_exactly_once() {
 /// (which keep the lock) must still make one job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushes_racing_claims_lose_nothing_and_one_idempotency_key_makes_one_job() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
     let (_dir, _clock, q) = setup();
     let q = Arc::new(q);
     const PUSHERS: usize = 8;
     const EACH: usize = 100;
-    let claimed_total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let claimed_total = Arc::new(AtomicUsize::new(0));
     let claimers: Vec<_> = (0..8)
         .map(|_| {
             let (q, claimed_total) = (Arc::clone(&q), Arc::clone(&claimed_total));
             tokio::spawn(async move {
                 let mut mine = Vec::new();
-                let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
-                while claimed_total.load(std::sync::atomic::Ordering::SeqCst) < PUSHERS * EACH
-                    && std::time::Instant::now() < give_up
+                let give_up = Instant::now() + Duration::from_secs(30);
+                while claimed_total.load(Ordering::SeqCst) < PUSHERS * EACH
+                    && Instant::now() < give_up
                 {
                     match q.claim().unwrap() {
                         Some(job) => {
-                            claimed_total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            claimed_total.fetch_add(1, Ordering::SeqCst);
                             mine.push(job.id);
                             q.complete(job.id, result("ok")).await.unwrap();
                         }
