@@ -49,7 +49,7 @@ function fill(tbody, rows) {
 async function refresh() {
   try {
     const stats = await api("/v1/queue/stats");
-    const counts = ["waiting", "active", "delayed", "completed", "failed", "cancelled"].map((k) => {
+    const counts = ["queued", "active", "delayed", "completed", "failed", "cancelled"].map((k) => {
       const div = document.createElement("div");
       div.className = "count";
       div.id = "count-" + k;
@@ -76,7 +76,7 @@ async function refresh() {
     }));
     const queued = await api("/v1/jobs?state=queued&limit=20");
     const delayed = await api("/v1/jobs?state=delayed&limit=20");
-    fill("waiting", queued.data.concat(delayed.data).map((j) => {
+    fill("queued", queued.data.concat(delayed.data).map((j) => {
       const tr = document.createElement("tr");
       tr.append(cell(j.id), cell(j.user_id), cell(j.status), cell(j.prompt),
         button("Cancel", () => api("/v1/chat/jobs/" + j.id, { method: "DELETE" })));

@@ -523,13 +523,20 @@ async fn first_delta_at(http: &reqwest::Client, url: &str, body: &Value) -> Inst
 }
 
 async fn time_to_ready() {
-    use chatq::store::{Durability, JobQueue, NewJob, SledQueue, StoreOptions};
+    use chatq::domain::NewJob;
+    use chatq::store::{Durability, StoreOptions};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("db");
     {
-        let mut options = StoreOptions::new(&data);
+        let mut options = StoreOptions::embedded(&data);
         options.durability = Durability::Relaxed;
-        let queue = Arc::new(SledQueue::open(options, chatq::clock::system()).unwrap());
+        let queue = chatq::store::open(
+            options,
+            chatq::clock::system(),
+            Arc::new(chatq::signals::Signals::default()),
+        )
+        .await
+        .unwrap();
         let tasks: Vec<_> = (0..8)
             .map(|t| {
                 let queue = Arc::clone(&queue);

@@ -1,4 +1,4 @@
-//! Queue benchmarks (issue 2): durable pushes per second with 1, 16 and 64 concurrent
+//! Benchmarks of the embedded store alone (no HTTP): durable pushes per second with 1, 16 and 64 concurrent
 //! pushers, group commit against one flush per push, claim+complete per second, and bytes on
 //! disk per stored job and per interaction entry.
 //!
@@ -9,13 +9,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatq::clock;
-use chatq::store::{Durability, JobQueue, JobResult, NewJob, SledQueue, StoreOptions};
+use chatq::domain::{JobResult, NewJob};
+use chatq::signals::Signals;
+use chatq::store::embedded::{SledQueue, record};
+use chatq::store::{Backend, Durability, InteractionLog, JobStore, Maintenance, StoreOptions};
 
 fn open(dir: &std::path::Path, durability: Durability) -> Arc<SledQueue> {
-    let mut options = StoreOptions::new(dir);
+    let mut options = StoreOptions::embedded(dir);
     options.durability = durability;
     options.keep_completed = u64::MAX;
-    Arc::new(SledQueue::open(options, clock::system()).expect("open store"))
+    let Backend::Embedded(embedded) = options.backend.clone();
+    let queue = SledQueue::open(
+        options,
+        &embedded,
+        clock::system(),
+        Arc::new(Signals::default()),
+    );
+    Arc::new(queue.expect("open store"))
 }
 
 /// A job of about 200 bytes encoded, like a short chat prompt.
@@ -118,7 +128,7 @@ async fn claim_complete(total: usize, workers: usize) -> f64 {
             let queue = Arc::clone(&queue);
             tokio::spawn(async move {
                 let mut n = 0usize;
-                while let Some(job) = queue.claim().unwrap() {
+                while let Some(claimed) = queue.claim().await.unwrap() {
                     let result = JobResult {
                         reply: "Paris, because the Seine made it a crossroads.".into(),
                         used_fallback: false,
@@ -127,7 +137,7 @@ async fn claim_complete(total: usize, workers: usize) -> f64 {
                         processed_at: 0,
                         upstream_latency_ms: Some(1),
                     };
-                    queue.complete(job.id, result).await.unwrap();
+                    queue.complete(&claimed.lease, result).await.unwrap();
                     n += 1;
                 }
                 n
@@ -153,7 +163,7 @@ async fn bytes_per_record(n: usize) -> (f64, f64) {
     let with_jobs = dir_size(dir.path());
     let per_job = (with_jobs.saturating_sub(empty)) as f64 / n as f64;
     // Complete them all: adds the result to each job and one interaction entry each.
-    while let Some(job) = queue.claim().unwrap() {
+    while let Some(claimed) = queue.claim().await.unwrap() {
         let result = JobResult {
             reply: "Paris, because the Seine made it a crossroads.".into(),
             used_fallback: false,
@@ -162,23 +172,30 @@ async fn bytes_per_record(n: usize) -> (f64, f64) {
             processed_at: 0,
             upstream_latency_ms: Some(120),
         };
-        queue.complete(job.id, result).await.unwrap();
+        queue.complete(&claimed.lease, result).await.unwrap();
     }
     queue.sync().await.unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let with_log = dir_size(dir.path());
     let page = queue
-        .query_log(&chatq::store::LogQuery {
+        .query(&chatq::domain::LogQuery {
             limit: 1,
             ..Default::default()
         })
+        .await
         .unwrap();
     if let Some(entry) = page.entries.first() {
-        let job = queue.get(entry.job_id).unwrap().unwrap();
+        let job = queue.get(entry.job_id).await.unwrap().unwrap();
+        let stored = record::StoredJob {
+            job,
+            seq: 1,
+            log_pending: false,
+            lease: 1,
+        };
         println!(
             "encoded sizes: completed job record {} bytes, interaction entry {} bytes",
-            chatq::store::codec::encode(&job).unwrap().len(),
-            chatq::store::codec::encode(entry).unwrap().len()
+            record::encode_job(&stored).unwrap().len(),
+            record::encode_interaction(entry).unwrap().len()
         );
     }
     // The completed job records grow too; attribute the whole growth to the log as an upper

@@ -1,14 +1,14 @@
-//! Wiring: opens the store, builds the chat bot, limiter and metrics, starts the workers and
-//! background upkeep, and serves the router until the shutdown token fires.
+//! Wiring: opens the store, builds the signals, chat bot, limiter and metrics, starts the
+//! workers and background upkeep, and serves the router until the shutdown token fires.
 //!
 //! Shutdown phases, in order (all driven by one `CancellationToken`):
 //! 1. The token fires (SIGINT/SIGTERM in `main`, or a test). The HTTP server stops accepting
-//!    connections and finishes the requests in flight; long-polls return at once. At the
-//!    same moment the workers stop claiming.
+//!    connections and finishes the requests in flight; long-polls and streamed replies end at
+//!    once. At the same moment the workers stop claiming.
 //! 2. Jobs in flight get up to the shutdown timeout to finish; any still running then are
 //!    aborted and stay `active` on disk, to be recovered at the next start.
 //! 3. Background upkeep (retention, limiter pruning) stops.
-//! 4. A final flush; the store closes when the last handle drops.
+//! 4. A final sync; the store closes when the last handle drops.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -19,22 +19,21 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::bot::{ChatBot, Personalities, Upstream};
 use crate::clock::{self, SharedClock};
 use crate::config::Config;
-use crate::http::{self, AppState, Inner};
+use crate::http::{self, AppState, Shared};
 use crate::limiter::UserLimiter;
 use crate::metrics::Metrics;
-use crate::store::{JobQueue, ResilientQueue};
+use crate::signals::Signals;
+use crate::store;
 use crate::validate::Validator;
 use crate::worker::{Worker, WorkerPool};
 
 /// How often retention runs. Often, so little is ever waiting to be pruned: what piles up
-/// between passes is what sled has to hold and later reclaim. Measured with the store alone
-/// at ~6,000 jobs/s: a pass every second kept 40–70 MiB on disk, every 100 ms 14–21 MiB. An
-/// idle pass costs microseconds.
+/// between passes is what the embedded store has to hold and later reclaim (measured in
+/// `BENCHMARKS.md`, "retention cadence"). An idle pass costs microseconds.
 const PRUNE_EVERY: Duration = Duration::from_millis(100);
 /// How often idle rate-limit keys are dropped.
 const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -48,18 +47,16 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the store and starts the workers. Must run inside a tokio runtime.
-    pub fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        Self::start_with_clock(config, clock::system(), shutdown)
-    }
-
-    pub fn start_with_clock(
+    /// Opens the store and starts the workers, on `clock` (tests pass a manual one).
+    pub async fn start(
         config: Config,
         clock: SharedClock,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let queue: Arc<dyn JobQueue> =
-            Arc::new(ResilientQueue::open(config.store.clone(), clock.clone())?);
+        let signals = Arc::new(Signals::default());
+        let store = store::open(config.store.clone(), clock.clone(), signals.clone())
+            .await
+            .context("opening the store")?;
         let upstream = config
             .upstream
             .clone()
@@ -70,20 +67,23 @@ impl App {
             upstream,
             Personalities::builtin(),
             clock.clone(),
+            config.model.clone(),
         ));
         let metrics = Arc::new(Metrics::new());
         let limiter = Arc::new(UserLimiter::new(config.rate_limit, config.rate_window));
         let config = Arc::new(config);
         let worker = Arc::new(Worker::new(
-            Arc::clone(&queue),
+            Arc::clone(&store),
+            Arc::clone(&signals),
             Arc::clone(&bot),
             Arc::clone(&metrics),
             clock,
             config.worker.clone(),
         ));
         let pool = WorkerPool::spawn(worker, shutdown.child_token());
-        let state = AppState(Arc::new(Inner {
-            queue,
+        let state = AppState(Arc::new(Shared {
+            store,
+            signals,
             validator: Validator::new(),
             limiter,
             metrics,
@@ -91,7 +91,6 @@ impl App {
             config,
             workers_running: AtomicBool::new(true),
             shutdown: shutdown.clone(),
-            tasks: TaskTracker::new(),
         }));
         let mut background = JoinSet::new();
         background.spawn(prune_store(state.clone(), shutdown.clone()));
@@ -102,10 +101,6 @@ impl App {
             background,
             shutdown,
         })
-    }
-
-    pub fn state(&self) -> &AppState {
-        &self.state
     }
 
     pub fn router(&self) -> axum::Router {
@@ -124,15 +119,7 @@ impl App {
             );
         }
         while self.background.join_next().await.is_some() {}
-        // Streaming relays end when their job does, or at once on the cancelled token.
-        self.state.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.state.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("streaming relays still running after 5 s; leaving them");
-        }
-        self.state.queue.sync().await.context("final flush")?;
+        self.state.store.sync().await.context("final sync")?;
         Ok(())
     }
 }
@@ -143,13 +130,10 @@ async fn prune_store(state: AppState, shutdown: CancellationToken) {
             _ = tokio::time::sleep(PRUNE_EVERY) => {}
             _ = shutdown.cancelled() => return,
         }
-        // Thousands of sled removals after a busy spell: off the async threads.
-        let queue = Arc::clone(&state.queue);
-        match tokio::task::spawn_blocking(move || queue.prune()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(removed = n, "retention pruned old records"),
-            Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
-            Err(e) => tracing::error!(error = %e, "retention task failed"),
+        match state.store.prune().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "retention pruned old records"),
+            Err(e) => tracing::error!(error = %e, "retention failed"),
         }
     }
 }
@@ -171,12 +155,22 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with_clock(listener, config, clock::system(), shutdown).await
+}
+
+/// [`run`] on `clock` (tests drive backoff and due times with a manual clock).
+pub async fn run_with_clock(
+    listener: TcpListener,
+    config: Config,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("reading the bound address")?;
     let admin_enabled = config.admin_enabled();
     let has_upstream = config.upstream.is_some();
     let model = config.model.clone();
-    let data_dir = config.store.path.clone();
-    let app = App::start(config, shutdown.clone())?;
+    let store = config.store.describe();
+    let app = App::start(config, clock, shutdown.clone()).await?;
     if !admin_enabled {
         tracing::warn!(
             "admin routes are disabled: listening on a non-loopback address without --admin-token"
@@ -187,7 +181,7 @@ pub async fn run(
     } else {
         tracing::info!("no OPENAI_API_KEY: replies are canned fallbacks (offline demo mode)");
     }
-    tracing::info!(data_dir = %data_dir.display(), "store open");
+    tracing::info!(store = %store, "store open");
     tracing::info!("listening on http://{addr}");
     let router = app.router();
     // Answers and stream chunks go out as soon as they are written: with Nagle's algorithm

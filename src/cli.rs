@@ -1,13 +1,16 @@
 //! Command-line arguments (clap). Argument structs only: every `serve` flag has an
 //! environment fallback, and numbers are range-checked here so a bad value is refused at
 //! start with the flag's name. Turning them into a [`crate::config::Config`] happens there.
+//!
+//! This module depends on nothing else of chatq but [`crate::defaults`]: its enums are
+//! argument spellings, mapped to the parts' own types in `config.rs` and `main.rs`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::worker::FailurePolicy;
+use crate::defaults;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,6 +33,14 @@ pub struct Cli {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailurePolicyArg {
+    /// End the job `failed` with `openai_error`.
+    Fail,
+    /// Complete the job with the canned fallback reply.
+    Fallback,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,50 +70,50 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the log says which).
-    #[arg(long, env = "CHATQ_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "CHATQ_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
     /// Directory of the embedded database.
-    #[arg(long, env = "CHATQ_DATA_DIR", default_value = "data/db")]
+    #[arg(long, env = "CHATQ_DATA_DIR", default_value = defaults::DATA_DIR)]
     pub data_dir: PathBuf,
     /// Number of workers calling the upstream at once.
-    #[arg(long, env = "CHATQ_WORKERS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, env = "CHATQ_WORKERS", default_value_t = defaults::WORKERS, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
     /// Attempts per job before it fails.
-    #[arg(long, env = "CHATQ_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, env = "CHATQ_MAX_ATTEMPTS", default_value_t = defaults::MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,
     /// First retry delay in milliseconds; doubles with each attempt (capped at 60 s).
-    #[arg(long, env = "CHATQ_BACKOFF_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    #[arg(long, env = "CHATQ_BACKOFF_MS", default_value_t = defaults::BACKOFF_MS, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub backoff_ms: u64,
     /// Completed job records to keep.
-    #[arg(long, env = "CHATQ_KEEP_COMPLETED", default_value_t = 50)]
+    #[arg(long, env = "CHATQ_KEEP_COMPLETED", default_value_t = defaults::KEEP_COMPLETED)]
     pub keep_completed: u64,
     /// Failed (and cancelled) job records to keep.
-    #[arg(long, env = "CHATQ_KEEP_FAILED", default_value_t = 100)]
+    #[arg(long, env = "CHATQ_KEEP_FAILED", default_value_t = defaults::KEEP_FAILED)]
     pub keep_failed: u64,
     /// Free space (MiB) to keep on the data directory's disk: below it new jobs get 503 while
     /// queued work still finishes; 0 turns the reserve off.
-    #[arg(long, env = "CHATQ_MIN_FREE_DISK_MB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    #[arg(long, env = "CHATQ_MIN_FREE_DISK_MB", default_value_t = defaults::MIN_FREE_DISK_MB, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
     pub min_free_disk_mb: u64,
     /// Requests per user per window.
-    #[arg(long, env = "CHATQ_RATE_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, env = "CHATQ_RATE_LIMIT", default_value_t = defaults::RATE_LIMIT, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rate_limit: u32,
     /// Rate-limit window in seconds.
-    #[arg(long, env = "CHATQ_RATE_WINDOW_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, env = "CHATQ_RATE_WINDOW_SECS", default_value_t = defaults::RATE_WINDOW_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub rate_window_secs: u64,
     /// Longest prompt accepted by the chat-job routes, in characters.
-    #[arg(long, env = "CHATQ_MAX_PROMPT_CHARS", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, env = "CHATQ_MAX_PROMPT_CHARS", default_value_t = defaults::MAX_PROMPT_CHARS, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_prompt_chars: u32,
     /// Upstream request timeout in seconds.
-    #[arg(long, env = "CHATQ_UPSTREAM_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+    #[arg(long, env = "CHATQ_UPSTREAM_TIMEOUT_SECS", default_value_t = defaults::UPSTREAM_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub upstream_timeout_secs: u64,
     /// How long shutdown waits for jobs in flight, in seconds.
-    #[arg(long, env = "CHATQ_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    #[arg(long, env = "CHATQ_SHUTDOWN_TIMEOUT_SECS", default_value_t = defaults::SHUTDOWN_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub shutdown_timeout_secs: u64,
     /// When a submitted job is acknowledged.
     #[arg(long, env = "CHATQ_DURABILITY", value_enum, default_value_t = DurabilityArg::Strict)]
     pub durability: DurabilityArg,
     /// Largest request body in bytes.
-    #[arg(long, env = "CHATQ_BODY_LIMIT_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u64).range(1024..=16_777_216))]
+    #[arg(long, env = "CHATQ_BODY_LIMIT_BYTES", default_value_t = defaults::BODY_LIMIT_BYTES, value_parser = clap::value_parser!(u64).range(1024..=16_777_216))]
     pub body_limit_bytes: u64,
     /// Bearer token required on the chat routes (none: open).
     #[arg(long, env = "CHATQ_API_TOKEN", hide_env_values = true)]
@@ -117,15 +128,15 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "OPENAI_BASE_URL",
-        default_value = "https://api.openai.com/v1"
+        default_value = defaults::OPENAI_BASE_URL
     )]
     pub openai_base_url: String,
     /// Model name sent upstream.
-    #[arg(long, env = "OPENAI_MODEL", default_value = "gpt-4o-mini")]
+    #[arg(long, env = "OPENAI_MODEL", default_value = defaults::MODEL)]
     pub openai_model: String,
     /// What a job whose upstream keeps failing becomes.
-    #[arg(long, env = "CHATQ_ON_UPSTREAM_FAILURE", value_enum, default_value_t = FailurePolicy::Fail)]
-    pub on_upstream_failure: FailurePolicy,
+    #[arg(long, env = "CHATQ_ON_UPSTREAM_FAILURE", value_enum, default_value_t = FailurePolicyArg::Fail)]
+    pub on_upstream_failure: FailurePolicyArg,
     /// Keep at most this many interaction-log entries (default: no limit).
     #[arg(long, env = "CHATQ_LOG_MAX_ENTRIES")]
     pub log_max_entries: Option<u64>,
@@ -133,13 +144,13 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATQ_LOG_MAX_AGE_DAYS")]
     pub log_max_age_days: Option<u64>,
     /// Requests handled at once; more wait their turn.
-    #[arg(long, env = "CHATQ_MAX_CONCURRENT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, env = "CHATQ_MAX_CONCURRENT_REQUESTS", default_value_t = defaults::MAX_CONCURRENT_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_concurrent_requests: u32,
     /// Refuse `system` messages from OpenAI-compatible clients (with "Invalid message role").
     #[arg(long, env = "CHATQ_REFUSE_CLIENT_SYSTEM")]
     pub refuse_client_system: bool,
     /// Per-request time limit in seconds (long-polls end earlier, at 60 s).
-    #[arg(long, env = "CHATQ_REQUEST_TIMEOUT_SECS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(61..=3_600))]
+    #[arg(long, env = "CHATQ_REQUEST_TIMEOUT_SECS", default_value_t = defaults::REQUEST_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(61..=3_600))]
     pub request_timeout_secs: u64,
 }
 

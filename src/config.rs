@@ -2,36 +2,8 @@
 //!
 //! Raw CLI and environment values ([`crate::cli`]) become a [`Config`] whose fields are
 //! already checked; an invalid value is refused at start with a message naming the flag.
-//! Secrets live in [`Secret`], whose `Debug` and `Display` never show the value.
-
-use std::fmt;
-
-/// A secret string (API key, bearer token). Printing it shows `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The value, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+//! Secrets live in [`Secret`], whose `Debug` and `Display` never show the value. Defaults
+//! come from [`crate::defaults`], for both ways to a `Config` (the CLI and [`Config::new`]).
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -39,9 +11,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::bot::UpstreamConfig;
-use crate::cli::{DurabilityArg, ServeArgs};
-use crate::store::{Durability, LogRetention, StoreOptions};
-use crate::worker::WorkerConfig;
+use crate::cli::{DurabilityArg, FailurePolicyArg, ServeArgs};
+use crate::defaults;
+pub use crate::secret::Secret;
+use crate::store::{Backend, Durability, LogRetention, StoreOptions};
+use crate::worker::{FailurePolicy, WorkerConfig};
 
 /// A configuration value that was refused; the message names the flag.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +48,7 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// `None` when no API key is configured: offline mode with fallback replies.
     pub upstream: Option<UpstreamConfig>,
-    /// The model name, also when offline (for `/v1/models` and logs).
+    /// The model asked for upstream; named in `/v1/models` and the stats also when offline.
     pub model: String,
     pub max_concurrent_requests: usize,
     pub request_timeout: Duration,
@@ -98,21 +72,23 @@ impl Config {
     /// Defaults for a store in `data_dir`: the documented defaults, no upstream, no tokens.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            store: StoreOptions::new(data_dir),
+            listen: defaults::LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            store: StoreOptions::embedded(data_dir),
             worker: WorkerConfig::default(),
-            max_attempts: 3,
-            rate_limit: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
-            rate_window: Duration::from_secs(60),
-            max_prompt_chars: 2000,
-            shutdown_timeout: Duration::from_secs(30),
-            body_limit: 65_536,
+            max_attempts: defaults::MAX_ATTEMPTS,
+            rate_limit: NonZeroU32::new(defaults::RATE_LIMIT).unwrap_or(NonZeroU32::MIN),
+            rate_window: Duration::from_secs(defaults::RATE_WINDOW_SECS),
+            max_prompt_chars: defaults::MAX_PROMPT_CHARS as usize,
+            shutdown_timeout: Duration::from_secs(defaults::SHUTDOWN_TIMEOUT_SECS),
+            body_limit: defaults::BODY_LIMIT_BYTES as usize,
             api_token: None,
             admin_token: None,
             upstream: None,
-            model: "gpt-4o-mini".to_owned(),
-            max_concurrent_requests: 1024,
-            request_timeout: Duration::from_secs(90),
+            model: defaults::MODEL.to_owned(),
+            max_concurrent_requests: defaults::MAX_CONCURRENT_REQUESTS as usize,
+            request_timeout: Duration::from_secs(defaults::REQUEST_TIMEOUT_SECS),
             refuse_client_system: false,
         }
     }
@@ -142,17 +118,20 @@ impl Config {
             .map(|key| UpstreamConfig {
                 base_url: args.openai_base_url.clone(),
                 api_key: Secret::new(key.trim()),
-                model: args.openai_model.clone(),
                 timeout,
             });
-        let mut store = StoreOptions::new(args.data_dir);
+        let mut store = StoreOptions::embedded(args.data_dir);
         store.durability = match args.durability {
             DurabilityArg::Strict => Durability::Strict,
             DurabilityArg::Relaxed => Durability::Relaxed,
         };
         store.keep_completed = args.keep_completed;
         store.keep_failed = args.keep_failed;
-        store.min_free_bytes = args.min_free_disk_mb.saturating_mul(1024 * 1024);
+        match &mut store.backend {
+            Backend::Embedded(embedded) => {
+                embedded.min_free_bytes = args.min_free_disk_mb.saturating_mul(1024 * 1024);
+            }
+        }
         store.log_retention = LogRetention {
             max_entries: args.log_max_entries,
             max_age_ms: args.log_max_age_days.map(|d| d.saturating_mul(86_400_000)),
@@ -163,8 +142,11 @@ impl Config {
             worker: WorkerConfig {
                 workers: args.workers as usize,
                 backoff_base: Duration::from_millis(args.backoff_ms),
-                backoff_cap: Duration::from_secs(60),
-                on_upstream_failure: args.on_upstream_failure,
+                on_upstream_failure: match args.on_upstream_failure {
+                    FailurePolicyArg::Fail => FailurePolicy::Fail,
+                    FailurePolicyArg::Fallback => FailurePolicy::Fallback,
+                },
+                ..WorkerConfig::default()
             },
             max_attempts: args.max_attempts,
             rate_limit: NonZeroU32::new(args.rate_limit)
@@ -242,11 +224,20 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.store.durability, Durability::Strict);
         assert_eq!(c.body_limit, 65_536);
+        assert_eq!(c.model, "gpt-4o-mini");
         assert!(c.admin_enabled(), "loopback without a token");
         let open = parse(&["--listen", "0.0.0.0:8080"]).unwrap();
         assert!(
             !open.admin_enabled(),
             "public address without an admin token"
         );
+    }
+
+    #[test]
+    fn the_cli_and_config_new_give_the_same_defaults() {
+        // Tests build on `Config::new`; the binary on the CLI. Every field must agree.
+        let from_cli = parse(&[]).unwrap();
+        let from_new = Config::new(defaults::DATA_DIR);
+        assert_eq!(format!("{from_cli:?}"), format!("{from_new:?}"));
     }
 }

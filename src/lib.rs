@@ -3,11 +3,16 @@
 //! # Layout
 //!
 //! - [`cli`]: clap argument structs only (every `serve` flag has an environment fallback).
+//! - [`defaults`]: every default of `serve`, defined once.
 //! - [`config`]: typed, validated configuration built from the CLI; secrets never print.
-//! - [`app`]: wires store, limiter, bot, workers and router; [`app::run`] serves until the
-//!   shutdown token fires, then shuts down in documented phases.
+//! - [`secret`]: the string type of API keys and tokens, which never prints.
+//! - [`app`]: wires store, signals, limiter, bot, workers and router; [`app::run`] serves until
+//!   the shutdown token fires, then shuts down in documented phases.
 //! - [`clock`]: the time as the queue sees it (injectable for tests).
-//! - [`store`]: the durable job queue and interaction log on sled, behind [`store::JobQueue`].
+//! - [`domain`]: what a job, a message and a logged interaction are; every layer speaks it.
+//! - [`store`]: the durable queue and interaction log behind [`store::Store`]'s traits; the
+//!   embedded backend (sled) in [`store::embedded`].
+//! - [`signals`]: in-process wake-ups, long-poll notifications and reply streams.
 //! - [`validate`]: message validation rules, single and bulk.
 //! - [`limiter`]: the per-user governor limiter and its numbers for the headers.
 //! - [`bot`]: the chat bot: prompts, personalities, the OpenAI-compatible client, fallbacks.
@@ -22,9 +27,13 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod defaults;
+pub mod domain;
 pub mod http;
 pub mod limiter;
 pub mod metrics;
+pub mod secret;
+pub mod signals;
 pub mod store;
 pub mod telemetry;
 pub mod validate;

@@ -13,7 +13,11 @@ use chatq::{app, client, telemetry};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = telemetry::init(cli.log_format, &cli.log_level) {
+    let format = match cli.log_format {
+        chatq::cli::LogFormat::Text => telemetry::LogFormat::Text,
+        chatq::cli::LogFormat::Json => telemetry::LogFormat::Json,
+    };
+    if let Err(e) = telemetry::init(format, &cli.log_level) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }

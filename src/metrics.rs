@@ -1,9 +1,8 @@
 //! Prometheus metrics, all prefixed `chatq_`, none labelled per user.
 //!
 //! [`Metrics`] owns the registry and typed handles; the rest of chatq records into it.
-//! Queue depth is read from the queue at scrape time rather than tracked twice.
-
-use std::sync::Arc;
+//! Queue depth is read from the store at scrape time rather than tracked twice; when the store
+//! cannot answer, the gauges keep their last values and `chatq_store_up` reads 0.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::store::JobQueue;
+use crate::store::Store;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabel {
@@ -64,6 +63,7 @@ pub struct Metrics {
     pub disk_free: Gauge,
     pub disk_accepting: Gauge,
     pub store_reopens: Gauge,
+    pub store_up: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -99,6 +99,7 @@ impl Metrics {
             disk_free: Gauge::default(),
             disk_accepting: Gauge::default(),
             store_reopens: Gauge::default(),
+            store_up: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -182,6 +183,11 @@ impl Metrics {
             m.disk_accepting.clone(),
         );
         registry.register(
+            "store_up",
+            "1 while the store answers reads; 0 when the last scrape could not read it",
+            m.store_up.clone(),
+        );
+        registry.register(
             "store_reopens",
             "Times the store was reopened after a disk error",
             m.store_reopens.clone(),
@@ -223,36 +229,45 @@ impl Metrics {
             .inc();
     }
 
-    /// Renders the Prometheus text format, reading queue depth from `queue` first.
-    pub fn render(&self, queue: &dyn JobQueue) -> String {
-        let counts = queue.counts();
-        for (state, n) in [
-            ("waiting", counts.waiting),
-            ("active", counts.active),
-            ("delayed", counts.delayed),
-            ("completed", counts.completed),
-            ("failed", counts.failed),
-            ("cancelled", counts.cancelled),
-        ] {
-            self.queue_depth
-                .get_or_create(&StateLabel { state })
-                .set(n as i64);
+    /// Renders the Prometheus text format, reading queue depth and store status first.
+    pub async fn render(&self, store: &dyn Store) -> String {
+        match store.counts().await {
+            Ok(counts) => {
+                self.store_up.set(1);
+                for (state, n) in [
+                    ("queued", counts.queued),
+                    ("active", counts.active),
+                    ("delayed", counts.delayed),
+                    ("completed", counts.completed),
+                    ("failed", counts.failed),
+                    ("cancelled", counts.cancelled),
+                ] {
+                    self.queue_depth
+                        .get_or_create(&StateLabel { state })
+                        .set(n as i64);
+                }
+            }
+            Err(e) => {
+                self.store_up.set(0);
+                tracing::warn!(error = %e, "metrics: the store could not count its jobs");
+            }
         }
-        self.log_failures.set(queue.log_failures() as i64);
-        self.store_flushes.set(queue.flush_stats().flushes as i64);
-        let disk = queue.disk();
-        self.disk_free.set(
-            disk.free_bytes
-                .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
-        );
+        if let Ok(status) = store.status().await {
+            self.log_failures.set(status.log_failures as i64);
+            self.store_flushes.set(status.commits as i64);
+            if let Some(disk) = status.disk {
+                self.disk_free.set(
+                    disk.free_bytes
+                        .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+                );
+                self.store_reopens.set(disk.reopens as i64);
+            }
+        }
         self.disk_accepting
-            .set(i64::from(queue.accepting().is_ok()));
-        self.store_reopens.set(disk.reopens as i64);
+            .set(i64::from(store.accepting().await.is_ok()));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
-
-pub type SharedMetrics = Arc<Metrics>;

@@ -8,7 +8,7 @@ use regex::RegexSet;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::store::job::Role;
+use crate::domain::Role;
 
 /// Longest accepted message content, in characters, counted before trimming.
 pub const MAX_CONTENT_CHARS: usize = 10_000;

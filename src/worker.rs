@@ -4,10 +4,15 @@
 //! [`WorkerPool`] runs N loops of it. An idle worker waits on the queue's notification or on
 //! a timer for the earliest delayed job, never on a polling sleep.
 //!
+//! Leases: a claim comes with a lease; while the bot works, the worker renews it every third
+//! of `lease` ([`crate::store::JobStore::heartbeat`]). A lease found lost (the job was
+//! recovered elsewhere) stops the attempt at once and records nothing: the store would refuse
+//! the outcome anyway, and the upstream call is not worth finishing.
+//!
 //! Retries: only transient errors (upstream 408/429/5xx, connect errors, timeouts) are
 //! retried, after an exponential backoff from `backoff_base` (2 s, 4 s, ...); an upstream
 //! `Retry-After` longer than that wins; both are capped at `backoff_cap` (60 s). The store
-//! enforces `max_attempts`.
+//! enforces `max_attempts`. The decision is [`decide`], a pure function.
 //!
 //! When the upstream gives up for good, [`FailurePolicy`] decides: `Fail` (the default, as the
 //! replaced system did) ends the job `failed` with `openai_error`; `Fallback` completes it with
@@ -23,14 +28,17 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::bot::{BotError, ChatBot, UpstreamError};
 use crate::clock::{Millis, SharedClock};
+use crate::domain::{Job, JobResult};
 use crate::metrics::Metrics;
-use crate::store::{FailOutcome, Job, JobQueue, StoreError};
+use crate::signals::Signals;
+use crate::store::{Claimed, FailOutcome, Lease, Store, StoreError};
 
 /// What to do when the upstream keeps failing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
     /// End the job `failed` with `openai_error`.
     #[default]
@@ -45,15 +53,21 @@ pub struct WorkerConfig {
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub on_upstream_failure: FailurePolicy,
+    /// How long a claim holds without renewal; renewed every third of it.
+    pub lease: Duration,
 }
+
+/// How long a claim holds without a heartbeat.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            workers: 5,
-            backoff_base: Duration::from_secs(2),
-            backoff_cap: Duration::from_secs(60),
+            workers: crate::defaults::WORKERS as usize,
+            backoff_base: Duration::from_millis(crate::defaults::BACKOFF_MS),
+            backoff_cap: Duration::from_secs(crate::defaults::BACKOFF_CAP_SECS),
             on_upstream_failure: FailurePolicy::Fail,
+            lease: DEFAULT_LEASE,
         }
     }
 }
@@ -70,6 +84,9 @@ pub enum Processed {
         at: Millis,
     },
     Failed(Job),
+    /// The claim was lost while the job ran (it was recovered, maybe claimed again):
+    /// nothing was recorded.
+    LeaseLost(Uuid),
 }
 
 /// The delay before the next attempt, after `attempts_made` attempts.
@@ -84,16 +101,52 @@ pub fn backoff_delay(
     exponential.max(retry_after.unwrap_or_default()).min(cap)
 }
 
+/// What a failed attempt becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Run again after this delay.
+    Retry(Duration),
+    /// Complete with the personality's fallback reply.
+    Fallback,
+    /// Fail for good.
+    Fail,
+}
+
+/// Decides what a failed attempt becomes: transient errors with attempts left are retried
+/// after the backoff; an upstream that gave up for good falls back if the policy says so.
+pub fn decide(
+    error: &BotError,
+    attempts_made: u32,
+    max_attempts: u32,
+    config: &WorkerConfig,
+) -> Decision {
+    if error.is_transient() && attempts_made < max_attempts {
+        return Decision::Retry(backoff_delay(
+            config.backoff_base,
+            config.backoff_cap,
+            attempts_made,
+            error.retry_after(),
+        ));
+    }
+    if config.on_upstream_failure == FailurePolicy::Fallback
+        && matches!(error, BotError::Upstream(_))
+    {
+        return Decision::Fallback;
+    }
+    Decision::Fail
+}
+
 /// One worker's logic, shared by every loop of the pool.
 pub struct Worker {
-    queue: Arc<dyn JobQueue>,
+    store: Arc<dyn Store>,
+    signals: Arc<Signals>,
     bot: Arc<ChatBot>,
     metrics: Arc<Metrics>,
     clock: SharedClock,
     config: WorkerConfig,
 }
 
-fn upstream_status_label(result: &Result<crate::store::JobResult, BotError>) -> Option<String> {
+fn upstream_status_label(result: &Result<JobResult, BotError>) -> Option<String> {
     match result {
         Ok(r) if r.used_fallback => None,
         Ok(_) => Some("200".to_owned()),
@@ -109,14 +162,16 @@ fn upstream_status_label(result: &Result<crate::store::JobResult, BotError>) -> 
 
 impl Worker {
     pub fn new(
-        queue: Arc<dyn JobQueue>,
+        store: Arc<dyn Store>,
+        signals: Arc<Signals>,
         bot: Arc<ChatBot>,
         metrics: Arc<Metrics>,
         clock: SharedClock,
         config: WorkerConfig,
     ) -> Self {
         Self {
-            queue,
+            store,
+            signals,
             bot,
             metrics,
             clock,
@@ -130,7 +185,7 @@ impl Worker {
 
     /// Claims one due job, runs it and records the outcome.
     pub async fn process_next(&self) -> Result<Processed, StoreError> {
-        let Some(job) = self.queue.claim()? else {
+        let Some(Claimed { job, lease }) = self.store.claim().await? else {
             return Ok(Processed::Empty);
         };
         let span = tracing::info_span!(
@@ -140,67 +195,89 @@ impl Worker {
             attempt = job.attempts + 1,
             request_id = job.request_id.as_deref().unwrap_or("-"),
         );
-        self.run(job).instrument(span).await
+        let id = job.id;
+        match self.run(job, lease).instrument(span).await {
+            Err(StoreError::LeaseLost(_)) => Ok(self.lost(id)),
+            other => other,
+        }
     }
 
-    async fn run(&self, job: Job) -> Result<Processed, StoreError> {
+    fn lost(&self, id: Uuid) -> Processed {
+        tracing::warn!(job_id = %id, "the job's lease was lost; its outcome is not recorded here");
+        Processed::LeaseLost(id)
+    }
+
+    /// Renews `lease` every third of the lease time; returns when it is lost.
+    async fn hold(&self, lease: Lease) {
+        let every = (self.config.lease / 3).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(every).await;
+            match self.store.heartbeat(&[lease]).await {
+                Ok(held) if held.contains(&lease) => {}
+                Ok(_) => return,
+                // The store is unreachable for a moment: keep the attempt going; if the lease
+                // runs out meanwhile, the next heartbeat or the outcome says so.
+                Err(e) => tracing::warn!(error = %e, "renewing the job's lease failed"),
+            }
+        }
+    }
+
+    async fn run(&self, job: Job, lease: Lease) -> Result<Processed, StoreError> {
         let now = self.clock.now_ms();
         let due = job.run_at.max(job.created_at);
         self.metrics
             .queue_wait
             .observe(now.saturating_sub(due) as f64 / 1_000.0);
         let started = Instant::now();
-        let sink = self.queue.events().streams.sink(job.id);
-        let outcome = self.bot.ask(&job, sink.as_ref()).await;
+        let sink = self.signals.streams.sink(job.id);
+        let outcome = tokio::select! {
+            outcome = self.bot.ask(&job, sink.as_ref()) => outcome,
+            () = self.hold(lease) => return Ok(self.lost(job.id)),
+        };
         let elapsed = started.elapsed();
         self.metrics.job_duration.observe(elapsed.as_secs_f64());
         if let Some(status) = upstream_status_label(&outcome) {
+            // The upstream's own latency when it answered; the attempt's when it failed.
+            let latency = match &outcome {
+                Ok(r) => r.upstream_latency_ms.map_or(elapsed, Duration::from_millis),
+                Err(_) => elapsed,
+            };
             self.metrics
-                .upstream_request(&status, elapsed.as_secs_f64());
+                .upstream_request(&status, latency.as_secs_f64());
         }
         let error = match outcome {
-            Ok(result) => return self.complete(job, result).await,
+            Ok(result) => return self.complete(&lease, result).await,
             Err(error) => error,
         };
-        let attempts_made = job.attempts + 1;
-        let has_attempts_left = attempts_made < job.max_attempts;
-        if error.is_transient() && has_attempts_left {
-            let delay = backoff_delay(
-                self.config.backoff_base,
-                self.config.backoff_cap,
-                attempts_made,
-                error.retry_after(),
-            );
-            let (job, outcome) = self
-                .queue
-                .fail(job.id, error.to_job_error(), Some(delay.as_millis() as u64))
-                .await?;
-            if let FailOutcome::Retrying { at } = outcome {
-                self.metrics.jobs_retried.inc();
-                tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
-                return Ok(Processed::Retried { job, at });
+        match decide(&error, job.attempts + 1, job.max_attempts, &self.config) {
+            Decision::Retry(delay) => {
+                let (job, outcome) = self
+                    .store
+                    .fail(&lease, error.to_job_error(), Some(delay.as_millis() as u64))
+                    .await?;
+                if let FailOutcome::Retrying { at } = outcome {
+                    self.metrics.jobs_retried.inc();
+                    tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
+                    return Ok(Processed::Retried { job, at });
+                }
+                Ok(self.failed(job))
             }
-            return Ok(self.failed(job));
+            Decision::Fallback => {
+                tracing::warn!(error = %error, "upstream gave up; answering with the fallback reply");
+                let result = self.bot.fallback_result(&job);
+                self.complete(&lease, result).await
+            }
+            Decision::Fail => {
+                tracing::warn!(error = %error, "job failed");
+                let (job, _) = self.store.fail(&lease, error.to_job_error(), None).await?;
+                Ok(self.failed(job))
+            }
         }
-        if self.config.on_upstream_failure == FailurePolicy::Fallback
-            && matches!(error, BotError::Upstream(_))
-        {
-            tracing::warn!(error = %error, "upstream gave up; answering with the fallback reply");
-            let result = self.bot.fallback_result(&job);
-            return self.complete(job, result).await;
-        }
-        tracing::warn!(error = %error, "job failed");
-        let (job, _) = self.queue.fail(job.id, error.to_job_error(), None).await?;
-        Ok(self.failed(job))
     }
 
-    async fn complete(
-        &self,
-        job: Job,
-        result: crate::store::JobResult,
-    ) -> Result<Processed, StoreError> {
+    async fn complete(&self, lease: &Lease, result: JobResult) -> Result<Processed, StoreError> {
         let used_fallback = result.used_fallback;
-        let done = self.queue.complete(job.id, result).await?;
+        let done = self.store.complete(lease, result).await?;
         self.metrics.job_completed(used_fallback);
         tracing::info!(used_fallback, "job completed");
         Ok(Processed::Completed(done))
@@ -213,8 +290,8 @@ impl Worker {
     }
 
     /// How long an idle worker may sleep before a delayed job is due.
-    fn idle_wait(&self) -> Option<Duration> {
-        match self.queue.next_due() {
+    async fn idle_wait(&self) -> Option<Duration> {
+        match self.store.next_due().await {
             Ok(Some(due)) => Some(Duration::from_millis(
                 due.saturating_sub(self.clock.now_ms()),
             )),
@@ -245,11 +322,6 @@ impl WorkerPool {
         Self { tasks, stop }
     }
 
-    /// Number of loops still running.
-    pub fn running(&self) -> usize {
-        self.tasks.len()
-    }
-
     /// Stops claiming, waits up to `deadline` for jobs in flight, then aborts the rest.
     /// Returns how many loops had to be aborted (their jobs are recovered at the next start).
     pub async fn shutdown(mut self, deadline: Duration) -> usize {
@@ -273,13 +345,13 @@ async fn run_loop(n: usize, worker: &Worker, stop: &CancellationToken) {
     while !stop.is_cancelled() {
         // Register for the wake-up before looking for work, so a push that lands between an
         // empty claim and the wait is not missed.
-        let notified = worker.queue.work_signal().notified();
+        let notified = worker.signals.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         match worker.process_next().await {
             Ok(Processed::Empty) => {
                 let timer = async {
-                    match worker.idle_wait() {
+                    match worker.idle_wait().await {
                         Some(wait) => tokio::time::sleep(wait).await,
                         None => std::future::pending().await,
                     }
@@ -306,6 +378,56 @@ async fn run_loop(n: usize, worker: &Worker, stop: &CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transient_errors_retry_while_attempts_last_then_fail_or_fall_back() {
+        let transient = BotError::Upstream(UpstreamError::Status {
+            status: 503,
+            body: String::new(),
+            retry_after: Some(Duration::from_secs(5)),
+        });
+        let permanent = BotError::Upstream(UpstreamError::Status {
+            status: 400,
+            body: String::new(),
+            retry_after: None,
+        });
+        let config = WorkerConfig::default();
+        assert_eq!(
+            decide(&transient, 1, 3, &config),
+            Decision::Retry(Duration::from_secs(5))
+        );
+        assert_eq!(
+            decide(&transient, 2, 3, &config),
+            Decision::Retry(Duration::from_secs(5))
+        );
+        assert_eq!(decide(&transient, 3, 3, &config), Decision::Fail);
+        assert_eq!(decide(&permanent, 1, 3, &config), Decision::Fail);
+        assert_eq!(
+            decide(&BotError::MissingPrompt, 1, 3, &config),
+            Decision::Fail
+        );
+        let fallback = WorkerConfig {
+            on_upstream_failure: FailurePolicy::Fallback,
+            ..config
+        };
+        assert_eq!(decide(&transient, 3, 3, &fallback), Decision::Fallback);
+        assert_eq!(decide(&permanent, 1, 3, &fallback), Decision::Fallback);
+        assert_eq!(
+            decide(&BotError::MissingPrompt, 1, 3, &fallback),
+            Decision::Fail,
+            "a bad job is not the upstream's fault"
+        );
+        assert_eq!(
+            decide(
+                &BotError::MidStream(UpstreamError::Timeout(Duration::ZERO)),
+                1,
+                3,
+                &fallback
+            ),
+            Decision::Fail,
+            "the client already saw part of a reply"
+        );
+    }
 
     #[test]
     fn backoff_doubles_from_the_base_and_retry_after_wins_up_to_the_cap() {

@@ -13,8 +13,8 @@ pub mod upstream;
 use std::time::Duration;
 
 use crate::clock::SharedClock;
-use crate::store::DeltaSender;
-use crate::store::job::{Job, JobError, JobResult};
+use crate::domain::{Job, JobError, JobResult};
+use crate::signals::DeltaSender;
 pub use personality::{Personalities, Personality};
 pub use upstream::{Upstream, UpstreamConfig, UpstreamError};
 
@@ -79,6 +79,8 @@ pub struct ChatBot {
     upstream: Option<Upstream>,
     personalities: Personalities,
     clock: SharedClock,
+    /// The model asked for upstream, and named in `/v1/models` and the stats even offline.
+    model: String,
 }
 
 impl ChatBot {
@@ -87,11 +89,13 @@ impl ChatBot {
         upstream: Option<Upstream>,
         personalities: Personalities,
         clock: SharedClock,
+        model: impl Into<String>,
     ) -> Self {
         Self {
             upstream,
             personalities,
             clock,
+            model: model.into(),
         }
     }
 
@@ -104,11 +108,10 @@ impl ChatBot {
         self.upstream.is_some()
     }
 
-    /// The configured model name, or the fallback marker.
+    /// The configured model name (also offline, where replies name
+    /// [`fallback::FALLBACK_MODEL`] as the model that answered).
     pub fn model(&self) -> &str {
-        self.upstream
-            .as_ref()
-            .map_or(fallback::FALLBACK_MODEL, Upstream::model)
+        &self.model
     }
 
     /// The canned reply for a job (offline mode, or after the upstream gave up for good when
@@ -130,8 +133,8 @@ impl ChatBot {
     /// Answers one job. With `sink`, the reply is also sent piece by piece as it is
     /// produced (a send to a client that went away is ignored).
     pub async fn ask(&self, job: &Job, sink: Option<&DeltaSender>) -> Result<JobResult, BotError> {
-        let prompt = job.request.prompt.trim();
-        if prompt.is_empty() {
+        // Submissions arrive trimmed (`http::submission`); a job stored by hand may not.
+        if job.request.prompt.trim().is_empty() {
             return Err(BotError::MissingPrompt);
         }
         let Some(upstream) = &self.upstream else {
@@ -147,11 +150,10 @@ impl ChatBot {
         let personality = self
             .personalities
             .resolve(job.request.personality.as_deref());
-        let mut request = job.request.clone();
-        request.prompt = prompt.to_owned();
-        let messages = prompt::build_messages(job.guild_id.as_deref(), personality, &request);
+        let request = &job.request;
+        let messages = prompt::build_messages(job.guild_id.as_deref(), personality, request);
         let mut call = upstream::CompletionRequest {
-            model: upstream.model(),
+            model: &self.model,
             messages: &messages,
             max_tokens: request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             temperature: request.temperature.unwrap_or(personality.temperature),

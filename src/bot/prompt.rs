@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::bot::personality::Personality;
-use crate::store::job::{ChatRequest, Message, Role};
+use crate::domain::{ChatRequest, Message, Role};
 
 /// At most this many history messages go upstream; older ones are dropped.
 pub const MAX_HISTORY: usize = 10;
@@ -53,7 +53,7 @@ pub fn build_messages(
     messages.extend(history.iter().copied().map(wire));
     messages.push(WireMessage {
         role: Role::User.as_str(),
-        content: request.prompt.clone(),
+        content: request.prompt.trim().to_owned(),
     });
     messages
 }

@@ -10,20 +10,42 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::bot::prompt::WireMessage;
-use crate::config::Secret;
-use crate::store::job::Usage;
+use crate::domain::Usage;
+use crate::secret::Secret;
 
 /// The longest body text kept from an upstream error.
 const MAX_ERROR_BODY: usize = 2_000;
 
-/// Where and how to call the upstream.
+/// Where and how to call the upstream. The model to ask for is part of each request
+/// ([`CompletionRequest::model`]), named once in the configuration.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// Base URL, such as `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`.
     pub base_url: String,
     pub api_key: Secret,
-    pub model: String,
     pub timeout: Duration,
+}
+
+/// Token usage as the upstream sends it. Separate from the recorded [`Usage`], so a field an
+/// upstream adds (or leaves out) changes nothing chatq stores.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+    #[serde(default)]
+    total_tokens: u32,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(u: WireUsage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+        }
+    }
 }
 
 /// One chat completion request.
@@ -47,7 +69,7 @@ struct CompletionResponse {
     #[serde(default)]
     choices: Vec<Choice>,
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<WireUsage>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,10 +178,6 @@ impl Upstream {
         })
     }
 
-    pub fn model(&self) -> &str {
-        &self.config.model
-    }
-
     /// Removes the API key from text that came back from the upstream, in case it echoes it.
     fn scrub(&self, text: &str) -> String {
         let key = self.config.api_key.expose();
@@ -229,7 +247,7 @@ impl Upstream {
         Ok(UpstreamReply {
             content,
             model: parsed.model.unwrap_or_else(|| request.model.to_owned()),
-            usage: parsed.usage,
+            usage: parsed.usage.map(Usage::from),
             latency: started.elapsed(),
         })
     }
@@ -249,7 +267,7 @@ struct StreamChunk {
     #[serde(default)]
     choices: Vec<StreamChoice>,
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<WireUsage>,
     #[serde(default)]
     error: Option<serde_json::Value>,
 }
@@ -332,7 +350,7 @@ impl Upstream {
         Ok(UpstreamReply {
             content: Some(text),
             model: model.unwrap_or_else(|| request.model.to_owned()),
-            usage,
+            usage: usage.map(Usage::from),
             latency: started.elapsed(),
         })
     }

@@ -6,17 +6,25 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ApiQuery};
 use super::state::AppState;
-use crate::store::{Interaction, LogQuery, QueueCounts};
+use crate::domain::interaction::MAX_PAGE;
+use crate::domain::{Action, Cursor, Interaction, LogQuery, QueueCounts, Usage};
 
 #[derive(Debug, Serialize)]
 pub struct Stats {
+    /// Jobs per state, under the states' names (`queued` as on a job).
     #[serde(flatten)]
     pub counts: QueueCounts,
+    /// The same count as `queued`, under BullMQ's name, which DESIGN §3 and dashboards built
+    /// for the replaced system read.
+    pub waiting: u64,
     pub workers: usize,
     pub durability: &'static str,
+    /// Where the data lives: `embedded`.
+    pub backend: &'static str,
     pub upstream: &'static str,
     pub model: String,
-    pub disk: Disk,
+    /// The local disk of the embedded store (`null` for a store without one).
+    pub disk: Option<Disk>,
 }
 
 /// The data directory's disk, as the store sees it.
@@ -33,31 +41,30 @@ pub struct Disk {
 }
 
 /// `GET /v1/queue/stats`
-pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
-    Json(Stats {
-        counts: state.queue.counts(),
+pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
+    let counts = state.store.counts().await?;
+    let status = state.store.status().await?;
+    let accepting_jobs = state.store.accepting().await.is_ok();
+    Ok(Json(Stats {
+        waiting: counts.queued,
+        counts,
         workers: state.config.worker.workers,
-        durability: match state.config.store.durability {
-            crate::store::Durability::Strict => "strict",
-            crate::store::Durability::Relaxed => "relaxed",
-        },
+        durability: status.durability.as_str(),
+        backend: status.backend,
         upstream: if state.bot.has_upstream() {
             "openai"
         } else {
             "fallback"
         },
         model: state.bot.model().to_owned(),
-        disk: {
-            let status = state.queue.disk();
-            Disk {
-                free_bytes: status.free_bytes,
-                reserve_bytes: status.reserve_bytes,
-                accepting_jobs: state.queue.accepting().is_ok(),
-                failure: status.failure.map(|f| f.to_string()),
-                reopens: status.reopens,
-            }
-        },
-    })
+        disk: status.disk.map(|disk| Disk {
+            free_bytes: disk.free_bytes,
+            reserve_bytes: disk.reserve_bytes,
+            accepting_jobs,
+            failure: disk.failure.map(|f| f.to_string()),
+            reopens: disk.reopens,
+        }),
+    }))
 }
 
 #[derive(Debug, Serialize)]
@@ -67,14 +74,14 @@ pub struct Paused {
 
 /// `POST /v1/queue/pause`
 pub async fn pause(State(state): State<AppState>) -> Result<Json<Paused>, ApiError> {
-    state.queue.set_paused(true).await?;
+    state.store.set_paused(true).await?;
     tracing::info!("queue paused");
     Ok(Json(Paused { paused: true }))
 }
 
 /// `POST /v1/queue/resume`
 pub async fn resume(State(state): State<AppState>) -> Result<Json<Paused>, ApiError> {
-    state.queue.set_paused(false).await?;
+    state.store.set_paused(false).await?;
     tracing::info!("queue resumed");
     Ok(Json(Paused { paused: false }))
 }
@@ -93,7 +100,7 @@ pub struct InteractionsQuery {
 #[derive(Debug, Serialize)]
 pub struct InteractionPage {
     pub data: Vec<InteractionView>,
-    pub next_cursor: Option<String>,
+    pub next_cursor: Option<Cursor>,
 }
 
 /// An interaction-log entry as the API shows it: times in RFC 3339 like the job views, with
@@ -106,7 +113,7 @@ pub struct InteractionView {
     pub request_id: Option<String>,
     pub user_id: String,
     pub guild_id: String,
-    pub action: crate::store::interaction::Action,
+    pub action: Action,
     pub personality: Option<String>,
     pub prompt: String,
     pub reply: Option<String>,
@@ -115,7 +122,7 @@ pub struct InteractionView {
     pub used_fallback: bool,
     pub model: Option<String>,
     pub upstream_latency_ms: Option<u64>,
-    pub usage: Option<crate::store::job::Usage>,
+    pub usage: Option<Usage>,
     pub attempts: u32,
     pub timestamp: String,
     pub timestamp_ms: u64,
@@ -169,15 +176,6 @@ pub async fn interactions(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<InteractionsQuery>,
 ) -> Result<Json<InteractionPage>, ApiError> {
-    if let Some(cursor) = &q.cursor {
-        if crate::store::interaction::parse_cursor(cursor).is_none() {
-            return Err(ApiError::bad_request(
-                "invalid_cursor",
-                "cursor must be a next_cursor from an earlier page",
-                Some("cursor"),
-            ));
-        }
-    }
     let query = LogQuery {
         user_id: q.user_id.filter(|s| !s.is_empty()),
         guild_id: q.guild_id.filter(|s| !s.is_empty()),
@@ -191,10 +189,11 @@ pub async fn interactions(
             .as_deref()
             .map(|v| parse_time("until", v))
             .transpose()?,
-        cursor: q.cursor,
-        limit: q.limit.unwrap_or(50).clamp(1, 500),
+        cursor: q.cursor.map(Cursor::from_client),
+        limit: q.limit.unwrap_or(50).clamp(1, MAX_PAGE),
     };
-    let page = state.queue.query_log(&query)?;
+    // The store reads its own cursor (a bad one: 400 `invalid_cursor`).
+    let page = state.store.query(&query).await?;
     Ok(Json(InteractionPage {
         data: page
             .entries

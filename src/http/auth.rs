@@ -11,7 +11,7 @@ use axum::response::Response;
 
 use super::error::ApiError;
 use super::state::AppState;
-use crate::config::Secret;
+use crate::secret::Secret;
 
 fn bearer(request: &Request) -> Option<&str> {
     request

@@ -12,26 +12,31 @@
 //! - Non-streaming: the request waits for the job and answers a `chat.completion`.
 //! - `stream: true`: the job is registered for deltas *before* it is pushed, the worker asks
 //!   the upstream to stream, and each delta is forwarded as a `chat.completion.chunk` event as
-//!   it arrives, ending with `data: [DONE]`. A client that disconnects does not stop the job.
+//!   it arrives, ending with `data: [DONE]`. The response body is a stream over (deltas, the
+//!   job's finish) that owns both registrations: a client that disconnects drops it, and the
+//!   job goes on and is logged. Keep-alive comments go out while the first token is awaited,
+//!   so a proxy does not take a slow upstream for an idle connection.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiJson};
-use super::jobs::{self, check_id};
+use super::jobs;
 use super::state::AppState;
-use crate::store::job::{ChatRequest, Message, Role};
-use crate::store::{Job, JobState, NewJob};
+use super::submission::{self, Content, SubmitRequest, check_id};
+use crate::domain::{Job, JobState, NewJob};
+use crate::signals::{StreamRegistration, Subscription};
 
 /// Prefix of the model aliases that select a personality.
 pub const ALIAS_PREFIX: &str = "chatq-";
@@ -100,86 +105,33 @@ fn personality_of(
     }
 }
 
+/// The body as a checked job, and the model name to answer with.
 fn build(
     state: &AppState,
-    body: &CompletionBody,
+    body: CompletionBody,
     headers: &HeaderMap,
     user: String,
     id: Uuid,
 ) -> Result<(NewJob, Option<String>), ApiError> {
-    let Some(Value::Array(raw)) = &body.messages else {
+    let Some(Value::Array(messages)) = body.messages else {
         return Err(ApiError::bad_request(
             "invalid_request",
             "messages must be a non-empty array",
             Some("messages"),
         ));
     };
-    let allow_system = !state.config.refuse_client_system;
-    let mut messages = Vec::with_capacity(raw.len());
-    for (i, value) in raw.iter().enumerate() {
-        let (role, content) = state
-            .validator
-            .message_parts(value, allow_system)
-            .map_err(|e| {
-                state.metrics.validation_rejected.inc();
-                ApiError::validation(e, Some(format!("messages[{i}]")))
-            })?;
-        messages.push(Message {
-            role,
-            content: content.to_owned(),
-        });
-    }
-    let prompt = match messages.pop() {
-        Some(last) if last.role == Role::User => last.content,
-        _ => {
-            return Err(ApiError::bad_request(
-                "missing_prompt",
-                "The last message must be the user's",
-                Some("messages"),
-            ));
-        }
-    };
-    if let Some(t) = body.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::bad_request(
-                "invalid_field",
-                "temperature must be between 0 and 2",
-                Some("temperature"),
-            ));
-        }
-    }
-    let max_tokens = body.max_completion_tokens.or(body.max_tokens);
-    if max_tokens.is_some_and(|m| !(1..=32_768).contains(&m)) {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            "max_tokens must be between 1 and 32768",
-            Some("max_tokens"),
-        ));
-    }
-    let guild_id = header(headers, "x-guild-id").map(str::to_owned);
-    if let Some(g) = &guild_id {
-        check_id("X-Guild-Id", g)?;
-    }
+    let mut request = SubmitRequest::new(user, Content::Messages(messages));
+    request.allow_system = !state.config.refuse_client_system;
+    request.temperature = body.temperature;
+    request.max_tokens = body.max_completion_tokens.or(body.max_tokens);
+    request.guild_id = header(headers, "x-guild-id").map(|g| (g.to_owned(), "X-Guild-Id"));
+    request.id = Some(id);
+    request.request_id = jobs::request_id(headers);
+    let mut new = submission::parse(state, request)?;
+    // The personality comes from the model alias, checked after the content as before.
     let (personality, label) = personality_of(state, body.model.as_deref())?;
-    let job = NewJob {
-        id: Some(id),
-        user_id: user,
-        guild_id,
-        conversation_id: None,
-        request: ChatRequest {
-            prompt,
-            history: messages,
-            personality,
-            temperature: body.temperature,
-            max_tokens,
-        },
-        priority: 0,
-        delay_ms: 0,
-        max_attempts: state.config.max_attempts,
-        idempotency_key: None,
-        request_id: jobs::request_id(headers),
-    };
-    Ok((job, label))
+    new.request.personality = personality;
+    Ok((new, label))
 }
 
 fn unix_secs() -> u64 {
@@ -206,6 +158,12 @@ fn job_failure(job: &Job) -> ApiError {
     }
 }
 
+fn too_long(id: Uuid) -> ApiError {
+    ApiError::Unavailable {
+        message: format!("The reply is taking too long; the job goes on: GET /v1/chat/jobs/{id}"),
+    }
+}
+
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -217,9 +175,10 @@ pub async fn chat_completions(
     let result = async {
         verdict?;
         let id = Uuid::new_v4();
-        let (new, label) = build(&state, &body, &headers, user, id)?;
-        if body.stream.unwrap_or(false) {
-            stream(&state, new, label).await
+        let stream = body.stream.unwrap_or(false);
+        let (new, label) = build(&state, body, &headers, user, id)?;
+        if stream {
+            stream_reply(&state, new, label).await
         } else {
             wait(&state, new, label).await
         }
@@ -237,23 +196,14 @@ fn with_job_header(mut response: Response, id: Uuid) -> Response {
 
 async fn wait(state: &AppState, new: NewJob, label: Option<String>) -> Result<Response, ApiError> {
     let id = new.id.unwrap_or_else(Uuid::new_v4);
-    let events = state.queue.events();
-    let mut finished = events.subscribe(id);
-    state.queue.push(new).await?;
+    let mut finished = state.signals.finished.subscribe(id);
+    state.store.push(new).await?;
     state.metrics.jobs_accepted.inc();
     let deadline = state
         .config
         .request_timeout
         .saturating_sub(Duration::from_secs(5));
-    let job = tokio::select! {
-        job = finished.finished() => job,
-        _ = tokio::time::sleep(deadline) => None,
-        _ = state.shutdown.cancelled() => None,
-    };
-    let job = match job {
-        Some(job) => job,
-        None => state.queue.get(id)?.ok_or_else(ApiError::job_not_found)?,
-    };
+    let job = jobs::await_finish(state, &mut finished, id, deadline).await?;
     let Some(result) = job
         .result
         .as_ref()
@@ -262,11 +212,7 @@ async fn wait(state: &AppState, new: NewJob, label: Option<String>) -> Result<Re
         let error = if job.state.is_terminal() {
             job_failure(&job)
         } else {
-            ApiError::Unavailable {
-                message: format!(
-                    "The reply is taking too long; the job goes on: GET /v1/chat/jobs/{id}"
-                ),
-            }
+            too_long(id)
         };
         return Ok(with_job_header(error.into_response(), id));
     };
@@ -302,104 +248,131 @@ fn chunk(id: Uuid, created: u64, model: &str, delta: Value, finish: Option<&str>
     Event::default().data(body.to_string())
 }
 
-async fn stream(
+fn error_event(error: &ApiError) -> Event {
+    Event::default().data(json!({"error": error.body()}).to_string())
+}
+
+/// Where a streamed reply is.
+enum Phase {
+    /// The opening chunk (the assistant's role) is next.
+    Opening,
+    /// Deltas are forwarded until the job finishes, the deadline passes or shutdown begins.
+    Relaying,
+    /// Only the queued closing events are left.
+    Closing,
+}
+
+/// The state of one streamed reply: it owns the delta registration and the finish
+/// subscription, so dropping the response body (the client left) unregisters both.
+struct Relay {
+    state: AppState,
+    id: Uuid,
+    created: u64,
+    model: String,
+    deltas: StreamRegistration,
+    finished: Subscription,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The reply text forwarded so far.
+    sent: String,
+    phase: Phase,
+    closing: VecDeque<Event>,
+}
+
+impl Relay {
+    async fn next_event(&mut self) -> Option<Event> {
+        match self.phase {
+            Phase::Opening => {
+                self.phase = Phase::Relaying;
+                Some(self.chunk(json!({"role": "assistant", "content": ""}), None))
+            }
+            Phase::Relaying => {
+                let job = tokio::select! {
+                    biased;
+                    Some(delta) = self.deltas.rx.recv() => return Some(self.delta(delta)),
+                    job = self.finished.finished() => job,
+                    _ = &mut self.deadline => None,
+                    _ = self.state.shutdown.cancelled() => None,
+                };
+                self.close(job).await;
+                self.closing.pop_front()
+            }
+            Phase::Closing => self.closing.pop_front(),
+        }
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Event {
+        chunk(self.id, self.created, &self.model, delta, finish)
+    }
+
+    fn delta(&mut self, delta: String) -> Event {
+        self.sent.push_str(&delta);
+        self.chunk(json!({"content": delta}), None)
+    }
+
+    /// Queues what is left to say: deltas still buffered, the rest of the reply, the final
+    /// chunk or the error, then `[DONE]`.
+    async fn close(&mut self, finished: Option<Job>) {
+        self.phase = Phase::Closing;
+        while let Ok(delta) = self.deltas.rx.try_recv() {
+            let event = self.delta(delta);
+            self.closing.push_back(event);
+        }
+        let job = match finished {
+            Some(job) => Ok(Some(job)),
+            None => self.state.store.get(self.id).await,
+        };
+        let last = match job {
+            Ok(Some(job)) if job.state == JobState::Completed => {
+                let reply = job.result.as_ref().map_or("", |r| r.reply.as_str());
+                // Text the worker did not stream (a placeholder for an empty reply) goes now.
+                if let Some(rest) = reply
+                    .strip_prefix(self.sent.as_str())
+                    .filter(|r| !r.is_empty())
+                {
+                    let event = self.chunk(json!({"content": rest}), None);
+                    self.closing.push_back(event);
+                }
+                self.chunk(json!({}), Some("stop"))
+            }
+            Ok(Some(job)) if job.state.is_terminal() => error_event(&job_failure(&job)),
+            Ok(_) => error_event(&too_long(self.id)),
+            Err(e) => error_event(&ApiError::from(e)),
+        };
+        self.closing.push_back(last);
+        self.closing.push_back(Event::default().data("[DONE]"));
+    }
+}
+
+async fn stream_reply(
     state: &AppState,
     new: NewJob,
     label: Option<String>,
 ) -> Result<Response, ApiError> {
     let id = new.id.unwrap_or_else(Uuid::new_v4);
-    let (events_tx, mut events_rx) = mpsc::channel::<Event>(64);
-    let (ready_tx, ready_rx) = oneshot::channel::<Result<(), ApiError>>();
-    let task_state = state.clone();
-    let model = label.unwrap_or_else(|| task_state.bot.model().to_owned());
-    // Owned by the app's task tracker, which shutdown waits for. The task ends when the job
-    // finishes, the client goes away, the request deadline passes or shutdown begins.
-    state.tasks.spawn(async move {
-        let state = task_state;
-        let events = state.queue.events();
-        let mut deltas = events.streams.listen(id);
-        let mut finished = events.subscribe(id);
-        if let Err(e) = state.queue.push(new).await {
-            let _ = ready_tx.send(Err(e.into()));
-            return;
-        }
-        state.metrics.jobs_accepted.inc();
-        if ready_tx.send(Ok(())).is_err() {
-            return;
-        }
-        let created = unix_secs();
-        let emit = |event: Event| events_tx.send(event);
-        if emit(chunk(id, created, &model, json!({"role": "assistant", "content": ""}), None))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let mut sent = String::new();
-        let deadline = tokio::time::sleep(state.config.request_timeout);
-        tokio::pin!(deadline);
-        let job = loop {
-            tokio::select! {
-                biased;
-                delta = deltas.rx.recv() => {
-                    let Some(delta) = delta else { continue };
-                    sent.push_str(&delta);
-                    if emit(chunk(id, created, &model, json!({"content": delta}), None)).await.is_err() {
-                        return; // the client went away; the job goes on and is logged
-                    }
-                }
-                job = finished.finished() => break job,
-                _ = &mut deadline => break None,
-                _ = state.shutdown.cancelled() => break None,
-            }
-        };
-        while let Ok(delta) = deltas.rx.try_recv() {
-            sent.push_str(&delta);
-            if emit(chunk(id, created, &model, json!({"content": delta}), None)).await.is_err() {
-                return;
-            }
-        }
-        let job = match job {
-            Some(job) => Some(job),
-            None => state.queue.get(id).ok().flatten(),
-        };
-        let final_event = match job.as_ref() {
-            Some(job) if job.state == JobState::Completed => {
-                let reply = job.result.as_ref().map_or("", |r| r.reply.as_str());
-                // Text the worker did not stream (a placeholder for an empty reply) goes now.
-                if let Some(rest) = reply.strip_prefix(sent.as_str()).filter(|r| !r.is_empty()) {
-                    if emit(chunk(id, created, &model, json!({"content": rest}), None)).await.is_err() {
-                        return;
-                    }
-                }
-                chunk(id, created, &model, json!({}), Some("stop"))
-            }
-            Some(job) if job.state.is_terminal() => {
-                let error = job_failure(job);
-                Event::default().data(json!({"error": error.body()}).to_string())
-            }
-            _ => {
-                let error = ApiError::Unavailable {
-                    message: format!("The reply is taking too long; the job goes on: GET /v1/chat/jobs/{id}"),
-                };
-                Event::default().data(json!({"error": error.body()}).to_string())
-            }
-        };
-        if emit(final_event).await.is_ok() {
-            let _ = emit(Event::default().data("[DONE]")).await;
-        }
+    // Both registrations come before the push: the worker cannot start before we listen.
+    let deltas = state.signals.streams.listen(id);
+    let finished = state.signals.finished.subscribe(id);
+    state.store.push(new).await?;
+    state.metrics.jobs_accepted.inc();
+    let relay = Relay {
+        state: state.clone(),
+        id,
+        created: unix_secs(),
+        model: label.unwrap_or_else(|| state.bot.model().to_owned()),
+        deltas,
+        finished,
+        deadline: Box::pin(tokio::time::sleep(state.config.request_timeout)),
+        sent: String::new(),
+        phase: Phase::Opening,
+        closing: VecDeque::new(),
+    };
+    let body = futures_util::stream::unfold(relay, |mut relay| async move {
+        let event = relay.next_event().await?;
+        Some((Ok::<_, Infallible>(event), relay))
     });
-    match ready_rx.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(ApiError::Internal),
-    }
-    let body = futures_util::stream::poll_fn(move |cx| {
-        events_rx
-            .poll_recv(cx)
-            .map(|event| event.map(Ok::<_, Infallible>))
-    });
-    let mut response = Sse::new(body).into_response();
+    let mut response = Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response();
     response
         .headers_mut()
         .insert("cache-control", HeaderValue::from_static("no-cache"));
@@ -410,7 +383,7 @@ async fn stream(
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     let model = |id: String, description: String| json!({"id": id, "object": "model", "created": 0, "owned_by": "chatq", "description": description});
     let mut data = vec![model(
-        state.config.model.clone(),
+        state.bot.model().to_owned(),
         "The configured model with the default personality".to_owned(),
     )];
     for p in state.bot.personalities().all() {

@@ -9,7 +9,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::store::StoreError;
+use crate::store::{StoreError, Unavailable};
 use crate::validate::ValidationError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,31 +228,39 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(_) => Self::job_not_found(),
-            StoreError::Conflict { .. } => Self::Conflict {
+            StoreError::Conflict { .. } | StoreError::LeaseLost(_) => Self::Conflict {
                 message: e.to_string(),
             },
-            StoreError::DiskFull { free, reserve, .. } => Self::Unavailable {
-                // The path stays in the server's log (the monitor names it), not in answers.
-                message: format!(
-                    "Not accepting new jobs: the server's disk is nearly full ({} MiB free, {} MiB kept in reserve); try again later",
-                    free / MIB,
-                    reserve / MIB
-                ),
-            },
-            StoreError::Reopening { .. } => Self::Unavailable {
+            StoreError::InvalidCursor => Self::bad_request(
+                "invalid_cursor",
+                "cursor must be a next_cursor from an earlier page",
+                Some("cursor"),
+            ),
+            StoreError::Unavailable(Unavailable::DiskFull { free, reserve, .. }) => {
+                Self::Unavailable {
+                    // The path stays in the server's log (the monitor names it), not in answers.
+                    message: format!(
+                        "Not accepting new jobs: the server's disk is nearly full ({} MiB free, {} MiB kept in reserve); try again later",
+                        free / MIB,
+                        reserve / MIB
+                    ),
+                }
+            }
+            StoreError::Unavailable(Unavailable::Recovering { .. }) => Self::Unavailable {
                 message: "The job store hit a disk error and is recovering; try again shortly"
                     .to_owned(),
             },
-            StoreError::Storage(_)
-            | StoreError::Flush(_)
-            | StoreError::Locked { .. }
-            | StoreError::Open { .. } => {
-                tracing::error!(error = %e, "store failure");
+            StoreError::Unavailable(Unavailable::Closed) => Self::Unavailable {
+                message: "The job store is closed: chatq is shutting down".to_owned(),
+            },
+            StoreError::InUse { .. } | StoreError::Open { .. } | StoreError::Backend(_) => {
+                tracing::error!(error = %crate::store::error_chain(&e), "store failure");
                 Self::Unavailable {
-                    message: "The job store could not write to disk; try again shortly".to_owned(),
+                    message: "The job store could not complete the request; try again shortly"
+                        .to_owned(),
                 }
             }
-            StoreError::Codec(_) => {
+            StoreError::Corrupt(_) => {
                 tracing::error!(error = %e, "unreadable record");
                 Self::Internal
             }

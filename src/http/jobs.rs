@@ -15,16 +15,12 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiJson, ApiQuery};
 use super::state::AppState;
+use super::submission::{self, Content, SubmitRequest, check_id};
+use crate::domain::{Job, JobError, JobResult, JobState, Usage};
 use crate::limiter::Decision;
-use crate::store::job::{ChatRequest, Message, Role};
-use crate::store::{Job, JobError, JobResult, JobState, NewJob, Pushed};
+use crate::signals::Subscription;
+use crate::store::Pushed;
 
-/// Longest user, guild, conversation id and idempotency key, in characters.
-pub const MAX_ID_CHARS: usize = 128;
-/// BullMQ's largest priority.
-pub const MAX_PRIORITY: u32 = 2_097_152;
-/// Longest accepted delay: one week.
-pub const MAX_DELAY_MS: u64 = 7 * 24 * 3_600 * 1_000;
 /// Longest `?wait`, in seconds.
 pub const MAX_WAIT_SECS: u64 = 60;
 
@@ -57,172 +53,50 @@ pub struct SubmitBody {
     pub max_attempts: Option<u32>,
 }
 
-/// Checks an id-like field: 1 to 128 characters, no control characters.
-pub fn check_id(param: &str, value: &str) -> Result<(), ApiError> {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
-        return Err(ApiError::bad_request(
-            "missing_field",
-            format!("{param} is required"),
-            Some(param),
-        ));
-    }
-    if value.chars().count() > MAX_ID_CHARS
-        || value.chars().any(char::is_control)
-        || trimmed != value
-    {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            format!(
-                "{param} must be 1 to {MAX_ID_CHARS} characters without control characters or surrounding spaces"
-            ),
-            Some(param),
-        ));
-    }
-    Ok(())
-}
-
-fn check_optional_id(param: &str, value: &Option<String>) -> Result<(), ApiError> {
-    value.as_deref().map_or(Ok(()), |v| check_id(param, v))
-}
-
-/// Turns a checked submission into a job for the queue.
-pub fn build_job(
-    state: &AppState,
-    body: SubmitBody,
-    request_id: Option<String>,
-) -> Result<NewJob, ApiError> {
-    check_optional_id("guild_id", &body.guild_id)?;
-    check_optional_id("conversation_id", &body.conversation_id)?;
-    check_optional_id("idempotency_key", &body.idempotency_key)?;
-    let validator = &state.validator;
-    let rejected = |e, param: String| {
-        state.metrics.validation_rejected.inc();
-        ApiError::validation(e, Some(param))
-    };
-    let validate_list = |list: &[Value], name: &str| -> Result<Vec<Message>, ApiError> {
-        list.iter()
-            .enumerate()
-            .map(|(i, v)| {
-                validator
-                    .message_parts(v, false)
-                    .map(|(role, content)| Message {
-                        role,
-                        content: content.to_owned(),
-                    })
-                    .map_err(|e| rejected(e, format!("{name}[{i}]")))
-            })
-            .collect()
-    };
-    let (prompt, history) = match (body.prompt, body.messages) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "Give either prompt or messages, not both",
-                Some("messages"),
-            ));
-        }
-        (Some(prompt), None) => {
-            let trimmed = prompt.trim();
-            if trimmed.is_empty() {
-                return Err(missing_prompt());
-            }
-            let max = state.config.max_prompt_chars;
-            if prompt.len() > max && prompt.chars().count() > max {
-                state.metrics.validation_rejected.inc();
-                return Err(ApiError::Validation {
-                    message: format!("Prompt too long (max {max} characters)"),
-                    code: "prompt_too_long",
-                    param: Some("prompt".to_owned()),
-                });
-            }
-            if validator.is_unsafe(&prompt) {
-                return Err(rejected(
-                    crate::validate::ValidationError::Unsafe,
-                    "prompt".to_owned(),
-                ));
-            }
-            let history = validate_list(body.history.as_deref().unwrap_or_default(), "history")?;
-            (trimmed.to_owned(), history)
-        }
-        (None, Some(messages)) => {
-            if body.history.is_some() {
+impl SubmitBody {
+    /// The body as a submission; `prompt` and `messages` are two forms of one thing.
+    pub fn into_request(self, request_id: Option<String>) -> Result<SubmitRequest, ApiError> {
+        let content = match (self.prompt, self.messages) {
+            (Some(_), Some(_)) => {
                 return Err(ApiError::bad_request(
                     "invalid_request",
-                    "history goes with prompt; with messages, put the history in messages",
-                    Some("history"),
+                    "Give either prompt or messages, not both",
+                    Some("messages"),
                 ));
             }
-            let mut messages = validate_list(&messages, "messages")?;
-            match messages.pop() {
-                Some(last) if last.role == Role::User => (last.content, messages),
-                _ => {
+            (Some(prompt), None) => Content::Prompt {
+                prompt,
+                history: self.history.unwrap_or_default(),
+            },
+            (None, Some(messages)) => {
+                if self.history.is_some() {
                     return Err(ApiError::bad_request(
-                        "missing_prompt",
-                        "The last message must be the user's prompt",
-                        Some("messages"),
+                        "invalid_request",
+                        "history goes with prompt; with messages, put the history in messages",
+                        Some("history"),
                     ));
                 }
+                Content::Messages(messages)
             }
-        }
-        (None, None) => return Err(missing_prompt()),
-    };
-    if let Some(name) = &body.personality {
-        if state.bot.personalities().get(name).is_none() {
-            let known: Vec<_> = state.bot.personalities().names().collect();
-            return Err(ApiError::bad_request(
-                "unknown_personality",
-                format!("Unknown personality {name:?}; known: {}", known.join(", ")),
-                Some("personality"),
-            ));
-        }
+            (None, None) => {
+                return Err(ApiError::bad_request(
+                    "missing_prompt",
+                    "A prompt is required",
+                    Some("prompt"),
+                ));
+            }
+        };
+        let mut request = SubmitRequest::new(self.user_id, content);
+        request.guild_id = self.guild_id.map(|g| (g, "guild_id"));
+        request.conversation_id = self.conversation_id;
+        request.personality = self.personality;
+        request.priority = self.priority;
+        request.delay_ms = self.delay_ms;
+        request.idempotency_key = self.idempotency_key;
+        request.max_attempts = self.max_attempts;
+        request.request_id = request_id;
+        Ok(request)
     }
-    let priority = body.priority.unwrap_or(0);
-    if priority > MAX_PRIORITY {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            format!("priority must be between 0 and {MAX_PRIORITY}"),
-            Some("priority"),
-        ));
-    }
-    let delay_ms = body.delay_ms.unwrap_or(0);
-    if delay_ms > MAX_DELAY_MS {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            format!("delay_ms must be at most {MAX_DELAY_MS} (one week)"),
-            Some("delay_ms"),
-        ));
-    }
-    let max_attempts = body.max_attempts.unwrap_or(state.config.max_attempts);
-    if !(1..=100).contains(&max_attempts) {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            "max_attempts must be between 1 and 100",
-            Some("max_attempts"),
-        ));
-    }
-    Ok(NewJob {
-        id: None,
-        user_id: body.user_id,
-        guild_id: body.guild_id,
-        conversation_id: body.conversation_id,
-        request: ChatRequest {
-            prompt,
-            history,
-            personality: body.personality,
-            temperature: None,
-            max_tokens: None,
-        },
-        priority,
-        delay_ms,
-        max_attempts,
-        idempotency_key: body.idempotency_key,
-        request_id,
-    })
-}
-
-fn missing_prompt() -> ApiError {
-    ApiError::bad_request("missing_prompt", "A prompt is required", Some("prompt"))
 }
 
 /// The request id the front door attached.
@@ -287,7 +161,7 @@ pub struct ResultView {
     pub reply: String,
     pub used_fallback: bool,
     pub model: String,
-    pub usage: Option<crate::store::job::Usage>,
+    pub usage: Option<Usage>,
     pub processed_at: String,
 }
 
@@ -372,7 +246,7 @@ pub async fn submit(
 }
 
 /// The submit flow both job routes share: check the user id (reported as `user_param`),
-/// count the request against the user's limit, validate the rest, push. Returns the limiter's
+/// count the request against the user's limit, check the rest, push. Returns the limiter's
 /// decision, for the headers of whatever the route answers, and the pushed job or why not.
 pub async fn submit_job(
     state: &AppState,
@@ -384,8 +258,8 @@ pub async fn submit_job(
     let (decision, verdict) = limit(state, &body.user_id);
     let pushed = async {
         verdict?;
-        let new = build_job(state, body, request_id(headers))?;
-        let pushed = state.queue.push(new).await?;
+        let new = submission::parse(state, body.into_request(request_id(headers))?)?;
+        let pushed = state.store.push(new).await?;
         if pushed.created {
             state.metrics.jobs_accepted.inc();
         }
@@ -405,15 +279,15 @@ pub struct WaitQuery {
     wait: Option<u64>,
 }
 
-/// Reads a job, holding the request up to `wait_secs` (at most 60) until it is finished.
-pub async fn wait_for_job(state: &AppState, id: Uuid, wait_secs: u64) -> Result<Job, ApiError> {
-    let events = state.queue.events();
-    let mut subscription = events.subscribe(id);
-    let job = state.queue.get(id)?.ok_or_else(ApiError::job_not_found)?;
-    if job.state.is_terminal() || wait_secs == 0 {
-        return Ok(job);
-    }
-    let wait = Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
+/// The one long-poll: waits on `subscription` (taken before the job was last read or pushed,
+/// so a finish in between is not missed) until job `id` finishes, `wait` passes or shutdown
+/// begins, then answers the job as the store has it.
+pub async fn await_finish(
+    state: &AppState,
+    subscription: &mut Subscription,
+    id: Uuid,
+    wait: Duration,
+) -> Result<Job, ApiError> {
     tokio::select! {
         finished = subscription.finished() => {
             if let Some(job) = finished {
@@ -423,7 +297,26 @@ pub async fn wait_for_job(state: &AppState, id: Uuid, wait_secs: u64) -> Result<
         _ = tokio::time::sleep(wait) => {}
         _ = state.shutdown.cancelled() => {}
     }
-    state.queue.get(id)?.ok_or_else(ApiError::job_not_found)
+    state
+        .store
+        .get(id)
+        .await?
+        .ok_or_else(ApiError::job_not_found)
+}
+
+/// Reads a job, holding the request up to `wait_secs` (at most 60) until it is finished.
+pub async fn wait_for_job(state: &AppState, id: Uuid, wait_secs: u64) -> Result<Job, ApiError> {
+    let mut subscription = state.signals.finished.subscribe(id);
+    let job = state
+        .store
+        .get(id)
+        .await?
+        .ok_or_else(ApiError::job_not_found)?;
+    if job.state.is_terminal() || wait_secs == 0 {
+        return Ok(job);
+    }
+    let wait = Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
+    await_finish(state, &mut subscription, id, wait).await
 }
 
 /// `GET /v1/chat/jobs/{id}?wait=N`
@@ -443,7 +336,7 @@ pub async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_job_id(&id)?;
-    let job = state.queue.cancel(id).await?;
+    let job = state.store.cancel(id).await?;
     Ok(Json(JobView::from(&job)))
 }
 
@@ -453,7 +346,7 @@ pub async fn retry_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_job_id(&id)?;
-    let job = state.queue.retry(id).await?;
+    let job = state.store.retry(id).await?;
     Ok(Json(JobView::from(&job)))
 }
 
@@ -475,7 +368,7 @@ pub async fn list_jobs(
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<JobList>, ApiError> {
     let limit = query.limit.unwrap_or(50).clamp(1, 500);
-    let jobs = state.queue.list(query.state, limit)?;
+    let jobs = state.store.list(query.state, limit).await?;
     Ok(Json(JobList {
         data: jobs.iter().map(JobView::from).collect(),
     }))

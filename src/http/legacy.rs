@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::error::{ApiError, ApiJson};
 use super::jobs::{self, ResultView, SubmitBody};
 use super::state::AppState;
-use crate::store::JobState;
+use crate::domain::JobState;
 
 #[derive(Debug, Deserialize)]
 pub struct LegacyBody {
@@ -99,7 +99,11 @@ pub async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = jobs::parse_job_id(&id)?;
-    let job = state.queue.get(id)?.ok_or_else(ApiError::job_not_found)?;
+    let job = state
+        .store
+        .get(id)
+        .await?
+        .ok_or_else(ApiError::job_not_found)?;
     Ok(Json(LegacyJob {
         ok: true,
         job_id: job.id.to_string(),

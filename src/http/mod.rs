@@ -14,6 +14,7 @@ mod legacy;
 mod messages;
 mod pages;
 mod state;
+pub mod submission;
 
 use axum::Router;
 use axum::body::Body;
@@ -30,7 +31,7 @@ use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 pub use jobs::{JobView, MAX_WAIT_SECS};
-pub use state::{AppState, Inner};
+pub use state::{AppState, Shared};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -177,14 +178,14 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
             message: "Not ready: the workers are not running".to_owned(),
         });
     }
-    // The store answers reads and its disk takes new jobs.
-    state.queue.next_due()?;
-    state.queue.accepting()?;
+    // The store answers reads and takes new jobs.
+    state.store.counts().await?;
+    state.store.accepting().await?;
     Ok("ready")
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let body = state.metrics.render(state.queue.as_ref());
+    let body = state.metrics.render(state.store.as_ref()).await;
     (
         [(
             header::CONTENT_TYPE,

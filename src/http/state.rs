@@ -4,17 +4,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::bot::ChatBot;
 use crate::config::Config;
 use crate::limiter::UserLimiter;
 use crate::metrics::Metrics;
-use crate::store::JobQueue;
+use crate::signals::Signals;
+use crate::store::Store;
 use crate::validate::Validator;
 
-pub struct Inner {
-    pub queue: Arc<dyn JobQueue>,
+/// What the handlers share, behind [`AppState`].
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    /// Long-poll and stream registrations; the store reports finishes into them.
+    pub signals: Arc<Signals>,
     pub validator: Validator,
     pub limiter: Arc<UserLimiter>,
     pub metrics: Arc<Metrics>,
@@ -22,20 +25,18 @@ pub struct Inner {
     pub config: Arc<Config>,
     /// Set while the workers run; `/readyz` reports it.
     pub workers_running: AtomicBool,
-    /// Fired at shutdown; long-polls return early.
+    /// Fired at shutdown; long-polls and streams return early.
     pub shutdown: CancellationToken,
-    /// Request-scoped background tasks (streaming relays); shutdown waits for them.
-    pub tasks: TaskTracker,
 }
 
 /// Cheap to clone: one `Arc`.
 #[derive(Clone)]
-pub struct AppState(pub Arc<Inner>);
+pub struct AppState(pub Arc<Shared>);
 
 impl std::ops::Deref for AppState {
-    type Target = Inner;
+    type Target = Shared;
 
-    fn deref(&self) -> &Inner {
+    fn deref(&self) -> &Shared {
         &self.0
     }
 }

@@ -1,104 +1,192 @@
-//! Durable storage: the job queue and the interaction log.
+//! Durable storage: the job queue and the interaction log, behind narrow async traits.
 //!
-//! [`JobQueue`] is the one interface the rest of chatq uses (the front door, the workers, the
-//! admin routes). [`SledQueue`] implements it on an embedded sled database; a shared backend
-//! for a community that outgrows one machine (Redis, Postgres) would implement the same trait
-//! without touching the front door or the workers.
+//! The rest of chatq (front door, workers, admin routes, metrics) holds an
+//! `Arc<dyn Store>` and never names a backend type or error. The traits split by concern:
 //!
-//! The promise: a push, cancel or retry that returned `Ok` is on disk (in
-//! [`Durability::Strict`]); a completion is on disk before any waiter hears of it.
-//! This module never calls the network and knows nothing of HTTP.
+//! - [`JobStore`]: push, claim (with a [`Lease`] carrying a fencing token), heartbeat,
+//!   complete and fail (taking that lease), cancel, retry, pause, reads and counts;
+//! - [`InteractionLog`]: queries of the log, which complete and fail write;
+//! - [`Maintenance`]: retention and a final sync;
+//! - [`StoreHealth`]: whether new jobs are taken now, and the backend's status.
+//!
+//! The promises, for every backend (the contract suite in `contract.rs` checks them): a push,
+//! cancel, retry or pause that returned `Ok` is durable (in [`Durability::Strict`]); a
+//! completion and its log entry are durable before anyone is told ([`JobNotifier`]); a
+//! complete or fail whose lease is no longer held changes nothing and returns
+//! [`StoreError::LeaseLost`], so a job has at most one recorded outcome.
+//!
+//! This module never calls the network on its own account and knows nothing of HTTP.
+//! In-process signalling (wake-ups, long-polls, token streams) lives in [`crate::signals`];
+//! a store only calls the [`JobNotifier`] it was opened with.
 
-pub mod codec;
-mod events;
-mod flusher;
-pub mod interaction;
-pub mod job;
-mod resilient;
-mod sled_queue;
+#[cfg(test)]
+mod contract;
+pub mod embedded;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use futures_util::future::BoxFuture;
-use tokio::sync::Notify;
+use async_trait::async_trait;
 use uuid::Uuid;
 
-pub use events::{DeltaSender, DeltaStreams, JobEvents, StreamRegistration, Subscription};
-pub use flusher::FlushStats;
-pub use interaction::{Interaction, LogPage, LogQuery, LogRetention};
-pub use job::{Job, JobError, JobResult, JobState, NewJob, QueueCounts};
-pub use resilient::ResilientQueue;
-pub use sled_queue::SledQueue;
+use crate::clock::{Millis, SharedClock};
+use crate::domain::{Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob, QueueCounts};
+pub use crate::signals::JobNotifier;
 
-use crate::clock::Millis;
-use codec::CodecError;
+/// Any backend's own error, kept as the source of a [`StoreError`] for the log.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// Acknowledge after the write is flushed to disk (group commit).
+    /// Acknowledge after the write is durable (group commit).
     #[default]
     Strict,
-    /// Acknowledge once the write is in sled's buffers; sled flushes every 500 ms in the
-    /// background, so a crash or power loss can lose the last half second of acknowledged work.
+    /// Acknowledge before the write is durable: a crash or power loss can lose the last
+    /// moments of acknowledged work (the embedded store flushes every 500 ms by itself).
     Relaxed,
 }
 
-/// How the store is opened.
+impl Durability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Relaxed => "relaxed",
+        }
+    }
+}
+
+/// Retention for the interaction log; off by default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogRetention {
+    pub max_entries: Option<u64>,
+    pub max_age_ms: Option<u64>,
+}
+
+/// How the store is opened: what every backend honours, and which backend.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    pub path: PathBuf,
     pub durability: Durability,
     /// Completed job records to keep (newest first); older ones are pruned.
     pub keep_completed: u64,
     /// Failed job records to keep; cancelled records are kept by the same number.
     pub keep_failed: u64,
     pub log_retention: LogRetention,
-    /// sled's page cache, in bytes (default [`DEFAULT_CACHE_BYTES`]).
+    pub backend: Backend,
+}
+
+/// Which backend holds the data.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The embedded database in a local directory, owned by one process.
+    Embedded(EmbeddedOptions),
+}
+
+/// The embedded store's own settings.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    pub path: PathBuf,
+    /// The database's page cache, in bytes (default [`DEFAULT_CACHE_BYTES`]).
     pub cache_capacity: u64,
     /// New jobs are refused while the data directory's file system has less free space than
-    /// this ([`ResilientQueue`]), so the disk never fills under sled's feet.
+    /// this, so the disk never fills under the database's feet.
     pub min_free_bytes: u64,
 }
 
-/// sled's page cache: records beyond it are read back from the file (in the kernel's page
-/// cache) when touched. 8 MiB holds every live record of a store kept small by retention.
-/// With 64 MiB a backlog held twice the memory (240,000 queued jobs: 124 MiB peak against
-/// 65 MiB) for pushes ~7% cheaper through HTTP and drains no faster; see `BENCHMARKS.md`.
+/// The embedded store's page cache: records beyond it are read back from the file (in the
+/// kernel's page cache) when touched. 8 MiB holds every live record of a store kept small by
+/// retention; why not more is in `BENCHMARKS.md` ("sled page cache").
 pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 impl StoreOptions {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    /// The documented defaults, on the embedded store in `path`.
+    pub fn embedded(path: impl Into<PathBuf>) -> Self {
         Self {
-            path: path.into(),
             durability: Durability::Strict,
-            keep_completed: 50,
-            keep_failed: 100,
+            keep_completed: crate::defaults::KEEP_COMPLETED,
+            keep_failed: crate::defaults::KEEP_FAILED,
             log_retention: LogRetention::default(),
-            cache_capacity: DEFAULT_CACHE_BYTES,
-            min_free_bytes: 64 * 1024 * 1024,
+            backend: Backend::Embedded(EmbeddedOptions {
+                path: path.into(),
+                cache_capacity: DEFAULT_CACHE_BYTES,
+                min_free_bytes: crate::defaults::MIN_FREE_DISK_MB * 1024 * 1024,
+            }),
+        }
+    }
+
+    /// Where the data lives, for the start-up log (never a secret).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Embedded(e) => format!("embedded store in {}", e.path.display()),
         }
     }
 }
 
-/// Failures of the store. "Someone else got there first" ([`StoreError::Conflict`],
-/// [`StoreError::NotFound`]) is kept apart from "the disk failed" ([`StoreError::Storage`],
-/// [`StoreError::Flush`]).
+/// Opens the store `options` name, reporting to `notifier`.
+pub async fn open(
+    options: StoreOptions,
+    clock: SharedClock,
+    notifier: Arc<dyn JobNotifier>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match &options.backend {
+        Backend::Embedded(embedded) => {
+            let embedded = embedded.clone();
+            // Opening replays the database's log and scans every record: blocking work.
+            let store = tokio::task::spawn_blocking(move || {
+                embedded::ResilientQueue::open(options, embedded, clock, notifier)
+            })
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))??;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Failures of a store. "Someone else got there first" ([`StoreError::Conflict`],
+/// [`StoreError::LeaseLost`], [`StoreError::NotFound`]) is kept apart from "the store cannot
+/// do it now" ([`StoreError::Unavailable`]) and "the store failed" ([`StoreError::Backend`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error(
-        "the data directory {path} is already in use by another chatq process; stop it or pass another --data-dir ({detail})"
-    )]
-    Locked { path: PathBuf, detail: String },
-    #[error("could not open the data directory {path}")]
-    Open { path: PathBuf, source: sled::Error },
-    #[error("storage error: {0}")]
-    Storage(#[from] sled::Error),
-    #[error("writing to disk failed: {0}")]
-    Flush(Arc<str>),
+    #[error("job {0} not found")]
+    NotFound(Uuid),
+    #[error("job {id} is {state}; {action} needs it {allowed}")]
+    Conflict {
+        id: Uuid,
+        state: &'static str,
+        action: &'static str,
+        allowed: &'static str,
+    },
+    /// The claim behind this lease is gone (recovered after a crash or an expiry, maybe
+    /// claimed again): the caller must record nothing.
+    #[error("the lease on job {0} is no longer held")]
+    LeaseLost(Uuid),
+    #[error("the cursor was not made by this store")]
+    InvalidCursor,
+    /// The store cannot take this now; trying again later may work.
+    #[error("{0}")]
+    Unavailable(Unavailable),
+    /// Another process holds the store (the embedded store has one owner).
+    #[error("{what} is already in use by another chatq process; {hint} ({detail})")]
+    InUse {
+        what: String,
+        hint: &'static str,
+        detail: String,
+    },
+    #[error("{what}")]
+    Open {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("storage failure: {0}")]
+    Backend(#[source] BoxError),
     #[error("a stored record is unreadable: {0}")]
-    Codec(#[from] CodecError),
+    Corrupt(String),
+}
+
+/// Why a store cannot take work now.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
     #[error(
         "the disk holding {path} has {free_mib} MiB free, below the {reserve_mib} MiB reserve (--min-free-disk-mb); new jobs are refused until space is freed",
         free_mib = free / MIB,
@@ -110,27 +198,12 @@ pub enum StoreError {
         reserve: u64,
     },
     #[error("the store hit a disk error ({cause}) and is reopening")]
-    Reopening { cause: Arc<str> },
-    #[error("job {0} not found")]
-    NotFound(Uuid),
-    #[error("job {id} is {state}; {action} needs it {allowed}")]
-    Conflict {
-        id: Uuid,
-        state: &'static str,
-        action: &'static str,
-        allowed: &'static str,
-    },
+    Recovering { cause: Arc<str> },
+    #[error("the store is closed")]
+    Closed,
 }
 
 const MIB: u64 = 1024 * 1024;
-
-impl StoreError {
-    /// The disk failed under a write: sled stops writing after its first IO error, so the
-    /// store must be reopened ([`ResilientQueue`] does).
-    pub fn is_disk_failure(&self) -> bool {
-        matches!(self, Self::Storage(sled::Error::Io(_)) | Self::Flush(_))
-    }
-}
 
 /// What a push did.
 #[derive(Debug, Clone)]
@@ -138,6 +211,22 @@ pub struct Pushed {
     pub job: Job,
     /// `false` when an idempotency key matched an existing job, which is returned instead.
     pub created: bool,
+}
+
+/// A claim on one job: the right to record its outcome while the lease is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: Uuid,
+    /// The fencing token: unique per claim, so an outcome from an older claim of the same
+    /// job is recognised and refused.
+    pub token: u64,
+}
+
+/// A claimed job and its lease.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub job: Job,
+    pub lease: Lease,
 }
 
 /// What a failed attempt led to.
@@ -149,62 +238,87 @@ pub enum FailOutcome {
     Failed,
 }
 
-/// The queue and log interface every other part of chatq uses.
-pub trait JobQueue: Send + Sync + 'static {
-    /// Adds a job (or returns the job its idempotency key already names). Durable on `Ok`.
-    fn push(&self, job: NewJob) -> BoxFuture<'_, Result<Pushed, StoreError>>;
-    /// Hands the next due job to exactly one caller, marking it `active`; `None` when nothing
-    /// is due or the queue is paused.
-    fn claim(&self) -> Result<Option<Job>, StoreError>;
-    /// Finishes an active job with its result and logs the interaction, atomically; durable
-    /// before waiters are woken.
-    fn complete(&self, id: Uuid, result: JobResult) -> BoxFuture<'_, Result<Job, StoreError>>;
+/// The queue.
+#[async_trait]
+pub trait JobStore: Send + Sync {
+    /// Adds a job (or returns the job its idempotency key already names). Durable on `Ok`;
+    /// reports work to the notifier.
+    async fn push(&self, job: NewJob) -> Result<Pushed, StoreError>;
+    /// Hands the next due job to exactly one caller, marking it `active` under a fresh lease;
+    /// `None` when nothing is due or the queue is paused.
+    async fn claim(&self) -> Result<Option<Claimed>, StoreError>;
+    /// Renews `leases`; returns those still held (a lease missing from the answer is lost:
+    /// stop the attempt and record nothing).
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<Lease>, StoreError>;
+    /// Finishes a claimed job with its result and writes its interaction-log entry; both are
+    /// durable before the notifier hears of it.
+    async fn complete(&self, lease: &Lease, result: JobResult) -> Result<Job, StoreError>;
     /// Records a failed attempt. With `retry_in`, the job runs again after that many
     /// milliseconds if it has attempts left; otherwise it fails for good (and is logged).
-    fn fail(
+    async fn fail(
         &self,
-        id: Uuid,
+        lease: &Lease,
         error: JobError,
         retry_in: Option<u64>,
-    ) -> BoxFuture<'_, Result<(Job, FailOutcome), StoreError>>;
+    ) -> Result<(Job, FailOutcome), StoreError>;
     /// Cancels a queued or delayed job.
-    fn cancel(&self, id: Uuid) -> BoxFuture<'_, Result<Job, StoreError>>;
+    async fn cancel(&self, id: Uuid) -> Result<Job, StoreError>;
     /// Puts a failed job back in the queue with a fresh set of attempts.
-    fn retry(&self, id: Uuid) -> BoxFuture<'_, Result<Job, StoreError>>;
+    async fn retry(&self, id: Uuid) -> Result<Job, StoreError>;
     /// Stops or resumes claims; jobs already claimed are not affected. Durable on `Ok`.
-    fn set_paused(&self, paused: bool) -> BoxFuture<'_, Result<(), StoreError>>;
-    fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
+    async fn set_paused(&self, paused: bool) -> Result<(), StoreError>;
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError>;
     /// Jobs in `state`, in queue order for waiting states and newest first for finished ones.
-    fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError>;
-    fn counts(&self) -> QueueCounts;
+    async fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError>;
+    async fn counts(&self) -> Result<QueueCounts, StoreError>;
     /// The due time of the earliest delayed job.
-    fn next_due(&self) -> Result<Option<Millis>, StoreError>;
-    /// Signalled when a job may have become claimable (a push, a retry, a resume).
-    fn work_signal(&self) -> &Notify;
-    /// Finished-job notifications for long-polling waiters.
-    fn events(&self) -> &JobEvents;
-    /// Reads the interaction log, newest first.
-    fn query_log(&self, query: &LogQuery) -> Result<LogPage, StoreError>;
-    /// Applies retention to finished jobs and the interaction log; returns records removed.
-    fn prune(&self) -> Result<u64, StoreError>;
-    /// Waits until everything written so far is on disk.
-    fn sync(&self) -> BoxFuture<'_, Result<(), StoreError>>;
-    /// Interaction entries that could not be written (the job itself finished).
-    fn log_failures(&self) -> u64;
-    /// Group-commit counters.
-    fn flush_stats(&self) -> FlushStats;
-    /// Free space and disk failures, as far as this queue watches them.
-    fn disk(&self) -> DiskStatus {
-        DiskStatus::default()
-    }
-    /// `Ok` while a push could be accepted as far as the disk goes; otherwise the error a
-    /// push would get ([`StoreError::DiskFull`], [`StoreError::Reopening`]).
-    fn accepting(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError>;
 }
 
-/// What [`JobQueue::disk`] reports.
+/// The interaction log (written by [`JobStore::complete`] and [`JobStore::fail`]).
+#[async_trait]
+pub trait InteractionLog: Send + Sync {
+    /// Reads the log, newest first.
+    async fn query(&self, query: &LogQuery) -> Result<LogPage, StoreError>;
+}
+
+/// Upkeep the app runs in the background and at shutdown.
+#[async_trait]
+pub trait Maintenance: Send + Sync {
+    /// Applies retention to finished jobs and the interaction log; returns records removed.
+    async fn prune(&self) -> Result<u64, StoreError>;
+    /// Waits until everything written so far is durable.
+    async fn sync(&self) -> Result<(), StoreError>;
+}
+
+/// What the store can say about itself.
+#[async_trait]
+pub trait StoreHealth: Send + Sync {
+    /// `Ok` while a push could be accepted; otherwise the error a push would get.
+    async fn accepting(&self) -> Result<(), StoreError>;
+    async fn status(&self) -> Result<StoreStatus, StoreError>;
+}
+
+/// Everything chatq needs of a backend.
+pub trait Store: JobStore + InteractionLog + Maintenance + StoreHealth {}
+
+impl<T: JobStore + InteractionLog + Maintenance + StoreHealth> Store for T {}
+
+/// What [`StoreHealth::status`] reports.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    /// The backend's name, for the stats page: `embedded`.
+    pub backend: &'static str,
+    pub durability: Durability,
+    /// Interaction entries that could not be written (their jobs finished all the same).
+    pub log_failures: u64,
+    /// Group commits (flushes or transactions) made durable so far.
+    pub commits: u64,
+    /// The local disk, for a store that keeps its data on one.
+    pub disk: Option<DiskStatus>,
+}
+
+/// The local disk of an embedded store.
 #[derive(Debug, Clone, Default)]
 pub struct DiskStatus {
     /// Free bytes on the data directory's file system at the last measurement.
@@ -217,5 +331,18 @@ pub struct DiskStatus {
     pub reopens: u64,
 }
 
-#[cfg(test)]
-mod tests;
+/// `e` and its sources, as one line (for the log: a backend error's cause is in its source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Wrappers that already print their cause (`storage failure: {0}`) would say it twice.
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}

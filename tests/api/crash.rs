@@ -12,7 +12,7 @@ use chatq::clock;
 
 use crate::binary::{get_json, start_chatq_with_env};
 use crate::helpers::client_for_killed_server;
-use chatq::store::{JobQueue, SledQueue, StoreOptions};
+use chatq::store::StoreOptions;
 use serde_json::json;
 
 /// A small xorshift generator seeded from the time: no extra dependency, a different kill
@@ -109,11 +109,17 @@ async fn acknowledged_jobs_survive_sigkill_at_a_random_moment() {
             !acked.is_empty(),
             "round {round}: some jobs were acknowledged"
         );
-        let queue = SledQueue::open(StoreOptions::new(&data), clock::system()).unwrap();
+        let queue = chatq::store::open(
+            StoreOptions::embedded(&data),
+            clock::system(),
+            Arc::new(chatq::signals::Signals::default()),
+        )
+        .await
+        .unwrap();
         let mut missing = Vec::new();
         for id in &acked {
             let uuid = uuid::Uuid::parse_str(id).unwrap();
-            if queue.get(uuid).unwrap().is_none() {
+            if queue.get(uuid).await.unwrap().is_none() {
                 missing.push(id.clone());
             }
         }

@@ -260,7 +260,6 @@ impl MockUpstream {
         UpstreamConfig {
             base_url: format!("http://{}/v1", self.addr),
             api_key: Secret::new(TEST_KEY),
-            model: "mock-model".to_owned(),
             timeout,
         }
     }

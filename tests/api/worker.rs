@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use chatq::bot::{ChatBot, Personalities, Upstream};
 use chatq::clock::{self, ManualClock, SharedClock};
+use chatq::domain::{JobState, LogQuery, Message, NewJob, Role};
 use chatq::metrics::Metrics;
-use chatq::store::job::{Message, Role};
-use chatq::store::{JobQueue, JobState, LogQuery, NewJob, SledQueue, StoreOptions};
+use chatq::signals::Signals;
+use chatq::store::{Store, StoreError, StoreOptions};
 use chatq::worker::{FailurePolicy, Processed, Worker, WorkerConfig, WorkerPool};
 use tokio_util::sync::CancellationToken;
 
@@ -19,27 +20,51 @@ const T0: u64 = 1_900_000_000_000;
 struct Rig {
     _dir: tempfile::TempDir,
     clock: Arc<ManualClock>,
-    queue: Arc<SledQueue>,
+    queue: Arc<dyn Store>,
     worker: Worker,
 }
 
-fn rig_with(upstream: Option<&MockUpstream>, timeout: Duration, policy: FailurePolicy) -> Rig {
+/// Opens the embedded store in `path`, as chatq does. A store dropped a moment ago may still
+/// be closing its files on sled's background threads, so this retries briefly.
+async fn open_store(
+    path: &std::path::Path,
+    clock: SharedClock,
+    signals: Arc<Signals>,
+) -> Arc<dyn Store> {
+    for _ in 0..100 {
+        match chatq::store::open(StoreOptions::embedded(path), clock.clone(), signals.clone()).await
+        {
+            Err(StoreError::InUse { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => return other.unwrap(),
+        }
+    }
+    panic!("store still locked after 2 s")
+}
+
+async fn rig_with(
+    upstream: Option<&MockUpstream>,
+    timeout: Duration,
+    policy: FailurePolicy,
+) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
     let shared: SharedClock = clock.clone();
-    let queue = Arc::new(SledQueue::open(StoreOptions::new(dir.path()), shared.clone()).unwrap());
+    let signals = Arc::new(Signals::default());
+    let queue = open_store(dir.path(), shared.clone(), signals.clone()).await;
     let upstream = upstream.map(|u| Upstream::new(u.config(timeout)).unwrap());
     let bot = Arc::new(ChatBot::new(
         upstream,
         Personalities::builtin(),
         shared.clone(),
+        "mock-model",
     ));
     let config = WorkerConfig {
         on_upstream_failure: policy,
         ..WorkerConfig::default()
     };
     let worker = Worker::new(
-        queue.clone() as Arc<dyn JobQueue>,
+        queue.clone(),
+        signals,
         bot,
         Arc::new(Metrics::new()),
         shared,
@@ -53,8 +78,8 @@ fn rig_with(upstream: Option<&MockUpstream>, timeout: Duration, policy: FailureP
     }
 }
 
-fn rig(upstream: &MockUpstream) -> Rig {
-    rig_with(Some(upstream), Duration::from_secs(5), FailurePolicy::Fail)
+async fn rig(upstream: &MockUpstream) -> Rig {
+    rig_with(Some(upstream), Duration::from_secs(5), FailurePolicy::Fail).await
 }
 
 async fn push(rig: &Rig, new: NewJob) -> uuid::Uuid {
@@ -64,7 +89,7 @@ async fn push(rig: &Rig, new: NewJob) -> uuid::Uuid {
 #[tokio::test]
 async fn request_carries_system_prompt_model_tokens_temperature_and_cut_history() {
     let upstream = MockUpstream::start().await;
-    let rig = rig(&upstream);
+    let rig = rig(&upstream).await;
     for (i, (personality, temperature)) in [
         ("helpful", 0.7),
         ("sarcastic", 0.9),
@@ -125,7 +150,7 @@ async fn request_carries_system_prompt_model_tokens_temperature_and_cut_history(
 async fn a_500_is_retried_with_backoff_then_fails_with_openai_error() {
     let upstream = MockUpstream::start().await;
     upstream.set_default(Reply::status(500, "upstream boom"));
-    let rig = rig(&upstream);
+    let rig = rig(&upstream).await;
     let id = push(&rig, NewJob::prompt("u", "hi")).await;
     let Processed::Retried { at, job } = rig.worker.process_next().await.unwrap() else {
         panic!("first failure is retried")
@@ -153,10 +178,11 @@ async fn a_500_is_retried_with_backoff_then_fails_with_openai_error() {
     assert_eq!(upstream.request_count(), 3);
     let log = rig
         .queue
-        .query_log(&LogQuery {
+        .query(&LogQuery {
             limit: 10,
             ..Default::default()
         })
+        .await
         .unwrap();
     assert_eq!(log.entries.len(), 1, "one entry per attempt chain");
     assert_eq!(log.entries[0].job_id, id);
@@ -171,7 +197,7 @@ async fn a_429_with_retry_after_is_not_retried_before_it() {
         body: "slow down".into(),
         retry_after: Some("3".into()),
     }]);
-    let rig = rig(&upstream);
+    let rig = rig(&upstream).await;
     push(&rig, NewJob::prompt("u", "hi")).await;
     let Processed::Retried { at, .. } = rig.worker.process_next().await.unwrap() else {
         panic!("429 is transient")
@@ -198,7 +224,7 @@ async fn a_400_fails_at_once_and_the_key_never_leaks() {
         401,
         &format!("Incorrect API key provided: {TEST_KEY}"),
     )]);
-    let rig = rig(&upstream);
+    let rig = rig(&upstream).await;
     push(&rig, NewJob::prompt("u", "hi")).await;
     let Processed::Failed(job) = rig.worker.process_next().await.unwrap() else {
         panic!("a 4xx is permanent")
@@ -210,10 +236,11 @@ async fn a_400_fails_at_once_and_the_key_never_leaks() {
     assert!(stored.contains("[redacted]"));
     let log = rig
         .queue
-        .query_log(&LogQuery {
+        .query(&LogQuery {
             limit: 5,
             ..Default::default()
         })
+        .await
         .unwrap();
     assert!(!format!("{log:?}").contains(TEST_KEY));
 }
@@ -226,7 +253,8 @@ async fn a_hung_upstream_times_out_and_is_retried() {
         Some(&upstream),
         Duration::from_millis(300),
         FailurePolicy::Fail,
-    );
+    )
+    .await;
     push(&rig, NewJob::prompt("u", "hi")).await;
     let Processed::Retried { job, .. } = rig.worker.process_next().await.unwrap() else {
         panic!("a timeout is transient")
@@ -245,7 +273,7 @@ async fn a_hung_upstream_times_out_and_is_retried() {
 async fn an_empty_reply_becomes_the_placeholder() {
     let upstream = MockUpstream::start().await;
     upstream.script([Reply::Empty, Reply::text("   ")]);
-    let rig = rig(&upstream);
+    let rig = rig(&upstream).await;
     for _ in 0..2 {
         push(&rig, NewJob::prompt("u", "hi")).await;
         let Processed::Completed(job) = rig.worker.process_next().await.unwrap() else {
@@ -262,7 +290,7 @@ async fn an_empty_reply_becomes_the_placeholder() {
 
 #[tokio::test]
 async fn no_key_gives_a_fallback_reply_per_personality() {
-    let rig = rig_with(None, Duration::from_secs(1), FailurePolicy::Fail);
+    let rig = rig_with(None, Duration::from_secs(1), FailurePolicy::Fail).await;
     let personalities = Personalities::builtin();
     for name in ["helpful", "technical"] {
         let mut new = NewJob::prompt("u", "hi");
@@ -285,7 +313,8 @@ async fn fallback_policy_completes_a_job_whose_upstream_keeps_failing() {
         Some(&upstream),
         Duration::from_secs(5),
         FailurePolicy::Fallback,
-    );
+    )
+    .await;
     push(&rig, NewJob::prompt("u", "hi")).await;
     for _ in 0..2 {
         assert!(matches!(
@@ -304,7 +333,7 @@ async fn fallback_policy_completes_a_job_whose_upstream_keeps_failing() {
 #[tokio::test]
 async fn an_empty_prompt_fails_with_missing_prompt() {
     let upstream = MockUpstream::start().await;
-    let rig = rig(&upstream);
+    let rig = rig(&upstream).await;
     push(&rig, NewJob::prompt("u", "   ")).await;
     let Processed::Failed(job) = rig.worker.process_next().await.unwrap() else {
         panic!()
@@ -313,20 +342,23 @@ async fn an_empty_prompt_fails_with_missing_prompt() {
     assert_eq!(upstream.request_count(), 0);
 }
 
-fn pool_rig(
+async fn pool_rig(
     upstream: &MockUpstream,
     workers: usize,
-) -> (tempfile::TempDir, Arc<SledQueue>, Arc<Worker>) {
+) -> (tempfile::TempDir, Arc<dyn Store>, Arc<Worker>) {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock::system();
-    let queue = Arc::new(SledQueue::open(StoreOptions::new(dir.path()), clock.clone()).unwrap());
+    let signals = Arc::new(Signals::default());
+    let queue = open_store(dir.path(), clock.clone(), signals.clone()).await;
     let bot = Arc::new(ChatBot::new(
         Some(Upstream::new(upstream.config(Duration::from_secs(30))).unwrap()),
         Personalities::builtin(),
         clock.clone(),
+        "mock-model",
     ));
     let worker = Arc::new(Worker::new(
-        queue.clone() as Arc<dyn JobQueue>,
+        queue.clone(),
+        signals,
         bot,
         Arc::new(Metrics::new()),
         clock,
@@ -338,22 +370,9 @@ fn pool_rig(
     (dir, queue, worker)
 }
 
-/// A store dropped a moment ago may still be closing its files on sled's background threads.
-fn reopen(path: &std::path::Path) -> SledQueue {
-    for _ in 0..100 {
-        match SledQueue::open(StoreOptions::new(path), clock::system()) {
-            Err(chatq::store::StoreError::Locked { .. }) => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            other => return other.unwrap(),
-        }
-    }
-    panic!("store still locked after 2 s")
-}
-
-async fn wait_until(mut cond: impl FnMut() -> bool) {
+async fn wait_until<F: std::future::Future<Output = bool>>(mut cond: impl FnMut() -> F) {
     for _ in 0..2_000 {
-        if cond() {
+        if cond().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -365,7 +384,7 @@ async fn wait_until(mut cond: impl FnMut() -> bool) {
 async fn exactly_n_jobs_are_in_flight_with_n_workers() {
     let upstream = MockUpstream::start().await;
     upstream.set_default(Reply::slow("ok", Duration::from_millis(100)));
-    let (_dir, queue, worker) = pool_rig(&upstream, 3);
+    let (_dir, queue, worker) = pool_rig(&upstream, 3).await;
     for i in 0..12 {
         queue
             .push(NewJob::prompt("u", &format!("{i}")))
@@ -374,7 +393,7 @@ async fn exactly_n_jobs_are_in_flight_with_n_workers() {
     }
     let stop = CancellationToken::new();
     let pool = WorkerPool::spawn(worker, stop.clone());
-    wait_until(|| queue.counts().completed == 12).await;
+    wait_until(|| async { queue.counts().await.unwrap().completed == 12 }).await;
     assert_eq!(
         upstream.max_in_flight(),
         3,
@@ -387,7 +406,7 @@ async fn exactly_n_jobs_are_in_flight_with_n_workers() {
 async fn jobs_in_flight_at_shutdown_finish() {
     let upstream = MockUpstream::start().await;
     upstream.set_default(Reply::slow("done", Duration::from_millis(400)));
-    let (_dir, queue, worker) = pool_rig(&upstream, 2);
+    let (_dir, queue, worker) = pool_rig(&upstream, 2).await;
     let stop = CancellationToken::new();
     let pool = WorkerPool::spawn(worker, stop.clone());
     for i in 0..3 {
@@ -396,15 +415,15 @@ async fn jobs_in_flight_at_shutdown_finish() {
             .await
             .unwrap();
     }
-    wait_until(|| upstream.in_flight() == 2).await;
+    wait_until(|| async { upstream.in_flight() == 2 }).await;
     assert_eq!(
         pool.shutdown(Duration::from_secs(10)).await,
         0,
         "nothing aborted"
     );
-    let c = queue.counts();
+    let c = queue.counts().await.unwrap();
     assert_eq!(
-        (c.completed, c.active, c.waiting),
+        (c.completed, c.active, c.queued),
         (2, 0, 1),
         "in-flight finished; no new claims"
     );
@@ -414,7 +433,7 @@ async fn jobs_in_flight_at_shutdown_finish() {
 async fn a_job_killed_mid_flight_is_recovered_on_restart() {
     let upstream = MockUpstream::start().await;
     upstream.set_default(Reply::Hang);
-    let (dir, queue, worker) = pool_rig(&upstream, 1);
+    let (dir, queue, worker) = pool_rig(&upstream, 1).await;
     let stop = CancellationToken::new();
     let pool = WorkerPool::spawn(worker.clone(), stop.clone());
     let id = queue
@@ -423,18 +442,21 @@ async fn a_job_killed_mid_flight_is_recovered_on_restart() {
         .unwrap()
         .job
         .id;
-    wait_until(|| upstream.in_flight() == 1).await;
+    wait_until(|| async { upstream.in_flight() == 1 }).await;
     assert_eq!(
         pool.shutdown(Duration::from_millis(200)).await,
         1,
         "aborted at the deadline"
     );
-    assert_eq!(queue.get(id).unwrap().unwrap().state, JobState::Active);
+    assert_eq!(
+        queue.get(id).await.unwrap().unwrap().state,
+        JobState::Active
+    );
     drop(worker);
     drop(queue);
-    let reopened = reopen(dir.path());
-    let job = reopened.get(id).unwrap().unwrap();
+    let reopened = open_store(dir.path(), clock::system(), Arc::default()).await;
+    let job = reopened.get(id).await.unwrap().unwrap();
     assert_eq!(job.state, JobState::Queued, "recovered at start");
     assert_eq!(job.attempts, 0);
-    assert_eq!(reopened.claim().unwrap().unwrap().id, id);
+    assert_eq!(reopened.claim().await.unwrap().unwrap().job.id, id);
 }

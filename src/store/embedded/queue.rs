@@ -1,27 +1,31 @@
-//! [`JobQueue`] on an embedded sled database.
+//! The store traits on an embedded sled database.
 //!
 //! # What is on disk
 //!
 //! | tree | key | value |
 //! |---|---|---|
-//! | `jobs` | job id (16 bytes) | encoded [`Job`]: the whole truth about a job |
+//! | `jobs` | job id (16 bytes) | encoded [`StoredJob`]: the whole truth about a job |
 //! | `log` | finished ms (u64 BE) ++ job seq (u64 BE) | encoded [`Interaction`] |
 //! | `log_by_user`, `log_by_guild` | id ++ 0x00 ++ log key | empty |
 //! | `meta` | name | value (the paused flag) |
 //!
 //! Every state transition of a job is **one write of its record**, which sled applies
 //! atomically: a push, a claim, a retry, a cancel or a completion either happened or did
-//! not. The queue's orderings (ready by priority then FIFO, delayed by due time, finished by
-//! age for retention) and the idempotency keys are an in-memory [`Index`] derived from the
+//! not. A claim writes a fresh fencing token into the record; a completion or failure is
+//! written only if the record is still `active` under the caller's token, checked under the
+//! index lock that serialises every record write, so a stale claim records nothing.
+//!
+//! The queue's orderings (ready by priority then FIFO, delayed by due time, finished by age
+//! for retention) and the idempotency keys are an in-memory [`Index`] derived from the
 //! records: rebuilt by one scan at open, and updated under the same lock that serialises the
 //! record writes, so index and records never disagree while the process runs.
 //!
 //! Why not sled transactions or batches across trees (the usual habit): in sled 0.34 the first
 //! transaction or batch switches the whole database to a global reader-writer lock, and
 //! `flush` holds the read side for the whole fsync, so every transaction waits out every
-//! fsync. Measured here (64 pushers, 2 cores): 4-tree transactions gave ~5,000 durable
-//! pushes/s with group commit averaging 12 requests per fsync; single-record writes let
-//! writers proceed during the fsync, which is what makes group commit pay.
+//! fsync: 4-tree transactions were an order of magnitude slower than single writes with 64
+//! durable pushers (figures in `BENCHMARKS.md`, "History"); single-record writes let writers proceed during the
+//! fsync, which is what makes group commit pay.
 //!
 //! A completion writes the finished record first (with `log_pending`), then its interaction
 //! entry under a key derived from the record (finished time ++ seq), then clears the flag.
@@ -30,31 +34,39 @@
 //! counted.
 //!
 //! The index lock is a std `Mutex`: it is held for in-memory work and single sled writes
-//! (microseconds), never across an await or a flush.
+//! (microseconds), never across an await or a flush. The async methods run that work inline
+//! on the caller's thread: each is a few sled operations, cheaper than a hop to the blocking
+//! pool; the one that could grow (promoting due delayed jobs) is bounded per claim. Retention,
+//! which can remove thousands of records after a busy spell, runs on the blocking pool.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use futures_util::future::BoxFuture;
-use tokio::sync::Notify;
+use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::codec;
-use super::events::JobEvents;
-use super::flusher::{self, FlushStats, Flusher};
-use super::interaction::{
-    self, Action, GLOBAL_GUILD, Interaction, LogPage, LogQuery, LogRetention,
-};
-use super::job::{Job, JobError, JobResult, JobState, NewJob, QueueCounts};
-use super::{Durability, FailOutcome, JobQueue, Pushed, StoreError, StoreOptions};
+use super::flusher::{self, FlushError, FlushStats, Flusher};
+use super::record::{self, StoredJob};
 use crate::clock::{Millis, SharedClock};
+use crate::domain::interaction::MAX_PAGE;
+use crate::domain::{
+    Interaction, Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob, QueueCounts,
+};
+use crate::signals::JobNotifier;
+use crate::store::{
+    Claimed, Durability, EmbeddedOptions, FailOutcome, InteractionLog, JobStore, Lease,
+    LogRetention, Maintenance, Pushed, StoreError, StoreHealth, StoreOptions, StoreStatus,
+};
 
 const PAUSED_KEY: &[u8] = b"paused";
 /// Log retention removes at most this many entries per pass.
-const CHUNK: usize = 1024;
+const LOG_PRUNE_CHUNK: usize = 1024;
 /// Job retention removes at most this many records per hold of the index lock (~1 ms).
-const PRUNE_CHUNK: u64 = 256;
+const JOB_PRUNE_CHUNK: u64 = 256;
+/// A claim moves at most this many due delayed jobs to the ready queue (one sled write
+/// each, under the index lock); the rest move at the next claims.
+const PROMOTE_PER_CLAIM: usize = 64;
 
 /// The in-memory orderings, derived from the job records.
 #[derive(Default)]
@@ -70,6 +82,7 @@ struct Index {
     cancelled: BTreeMap<(Millis, u64), Uuid>,
     /// (user id, idempotency key) → id.
     idempotency: HashMap<(String, String), Uuid>,
+    /// The last sequence number or fencing token handed out.
     next_seq: u64,
 }
 
@@ -88,15 +101,16 @@ impl Index {
         self.next_seq
     }
 
-    /// Files `job` under its current state.
-    fn add(&mut self, job: &Job) {
-        self.next_seq = self.next_seq.max(job.seq);
+    /// Files `record` under its current state.
+    fn add(&mut self, record: &StoredJob) {
+        let job = &record.job;
+        self.next_seq = self.next_seq.max(record.seq).max(record.lease);
         match job.state {
             JobState::Queued => {
-                self.ready.insert((job.priority, job.seq), job.id);
+                self.ready.insert((job.priority, record.seq), job.id);
             }
             JobState::Delayed => {
-                self.delayed.insert((job.run_at, job.seq), job.id);
+                self.delayed.insert((job.run_at, record.seq), job.id);
             }
             JobState::Active => {
                 self.active.insert(job.id);
@@ -104,7 +118,7 @@ impl Index {
             JobState::Completed | JobState::Failed | JobState::Cancelled => {
                 let at = job.finished_at.unwrap_or_default();
                 if let Some(map) = self.finished(job.state) {
-                    map.insert((at, job.seq), job.id);
+                    map.insert((at, record.seq), job.id);
                 }
             }
         }
@@ -114,14 +128,15 @@ impl Index {
         }
     }
 
-    /// Removes `job` from the ordering of its current state (not from the idempotency map).
-    fn remove(&mut self, job: &Job) {
+    /// Removes `record` from the ordering of its current state (not from the idempotency map).
+    fn remove(&mut self, record: &StoredJob) {
+        let job = &record.job;
         match job.state {
             JobState::Queued => {
-                self.ready.remove(&(job.priority, job.seq));
+                self.ready.remove(&(job.priority, record.seq));
             }
             JobState::Delayed => {
-                self.delayed.remove(&(job.run_at, job.seq));
+                self.delayed.remove(&(job.run_at, record.seq));
             }
             JobState::Active => {
                 self.active.remove(&job.id);
@@ -129,7 +144,7 @@ impl Index {
             JobState::Completed | JobState::Failed | JobState::Cancelled => {
                 let at = job.finished_at.unwrap_or_default();
                 if let Some(map) = self.finished(job.state) {
-                    map.remove(&(at, job.seq));
+                    map.remove(&(at, record.seq));
                 }
             }
         }
@@ -147,12 +162,11 @@ pub struct SledQueue {
     meta: sled::Tree,
     options: StoreOptions,
     clock: SharedClock,
+    notifier: Arc<dyn JobNotifier>,
     index: Mutex<Index>,
     log_entries: AtomicU64,
     log_failures: AtomicU64,
     paused: AtomicBool,
-    work: Arc<Notify>,
-    events: Arc<JobEvents>,
     // Declared last: dropped after everything above, so its final flush sees every write.
     flusher: Flusher,
 }
@@ -169,43 +183,43 @@ fn conflict(job: &Job, action: &'static str, allowed: &'static str) -> StoreErro
 impl SledQueue {
     /// Opens (or creates) the store, rebuilds the index, recovers jobs a crash left `active`
     /// and writes interaction entries a crash left pending.
-    pub fn open(options: StoreOptions, clock: SharedClock) -> Result<Self, StoreError> {
-        Self::open_with_signals(options, clock, Arc::default(), Arc::default())
-    }
-
-    /// [`SledQueue::open`] with the work signal and job events of a previous incarnation, so
-    /// waiting workers and long-polls carry on across a reopen ([`super::ResilientQueue`]).
-    pub(crate) fn open_with_signals(
+    pub fn open(
         options: StoreOptions,
+        embedded: &EmbeddedOptions,
         clock: SharedClock,
-        work: Arc<Notify>,
-        events: Arc<JobEvents>,
+        notifier: Arc<dyn JobNotifier>,
     ) -> Result<Self, StoreError> {
-        let path = options.path.clone();
+        let path = embedded.path.clone();
         let db = sled::Config::new()
             .path(&path)
-            .cache_capacity(options.cache_capacity)
+            .cache_capacity(embedded.cache_capacity)
             .flush_every_ms(Some(500))
             .open()
             .map_err(|source| match source {
                 sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked {
-                        path: path.clone(),
+                    StoreError::InUse {
+                        what: format!("the data directory {}", path.display()),
+                        hint: "stop it or pass another --data-dir",
                         detail: io.to_string(),
                     }
                 }
                 source => StoreError::Open {
-                    path: path.clone(),
-                    source,
+                    what: format!("could not open the data directory {}", path.display()),
+                    source: Box::new(source),
                 },
             })?;
         // sled's log file, synced after each flush (see `flusher.rs`).
-        let log_file = std::fs::File::open(path.join("db"))
-            .map_err(|e| StoreError::Flush(format!("opening the store's log file: {e}").into()))?;
-        let flusher = log_file
-            .try_clone()
-            .and_then(|file| Flusher::start(db.clone(), file))
-            .map_err(|e| StoreError::Flush(e.to_string().into()))?;
+        let opened = std::fs::File::open(path.join("db")).and_then(|file| {
+            let flusher = Flusher::start(db.clone(), file.try_clone()?)?;
+            Ok((file, flusher))
+        });
+        let (log_file, flusher) = opened.map_err(|e| StoreError::Open {
+            what: format!(
+                "could not start syncing the store's log file in {}",
+                path.display()
+            ),
+            source: Box::new(e),
+        })?;
         let queue = Self {
             jobs: db.open_tree("jobs")?,
             log: db.open_tree("log")?,
@@ -216,35 +230,37 @@ impl SledQueue {
             log_file,
             options,
             clock,
+            notifier,
             index: Mutex::new(Index::default()),
             log_entries: AtomicU64::new(0),
             log_failures: AtomicU64::new(0),
             paused: AtomicBool::new(false),
-            work,
-            events,
             flusher,
         };
         queue.recover()?;
         Ok(queue)
     }
 
+    /// The index lock. A panic while holding it can only come between a record write and
+    /// the index update that follows (both are plain in-memory or single sled calls); the
+    /// worst it leaves is an index entry pointing at a record in another state, which every
+    /// reader of the index already checks against the record and skips. So keep serving.
     fn lock(&self) -> MutexGuard<'_, Index> {
-        // A panic while holding the lock cannot leave the index half-updated in a way that
-        // matters more than losing the queue: keep serving.
         self.index
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn read(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+    fn read(&self, id: Uuid) -> Result<Option<StoredJob>, StoreError> {
         match self.jobs.get(id.as_bytes())? {
-            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+            Some(bytes) => Ok(Some(record::decode_job(&bytes)?)),
             None => Ok(None),
         }
     }
 
-    fn write(&self, job: &Job) -> Result<(), StoreError> {
-        self.jobs.insert(job.id.as_bytes(), codec::encode(job)?)?;
+    fn write(&self, record: &StoredJob) -> Result<(), StoreError> {
+        self.jobs
+            .insert(record.job.id.as_bytes(), record::encode_job(record)?)?;
         Ok(())
     }
 
@@ -260,28 +276,29 @@ impl SledQueue {
         let mut unlogged = Vec::new();
         for entry in self.jobs.iter() {
             let (_, bytes) = entry?;
-            let job: Job = codec::decode(&bytes)?;
-            if job.state == JobState::Active {
-                interrupted.push(job);
+            let record = record::decode_job(&bytes)?;
+            if record.job.state == JobState::Active {
+                interrupted.push(record);
                 continue;
             }
-            if job.log_pending {
-                unlogged.push(job.clone());
+            if record.log_pending {
+                unlogged.push(record.clone());
             }
-            index.add(&job);
+            index.add(&record);
         }
-        for mut job in interrupted {
+        for mut record in interrupted {
             // Back to the ready queue with its place (priority, seq) and its attempt count.
-            job.state = JobState::Queued;
-            self.write(&job)?;
-            index.add(&job);
-            tracing::warn!(job_id = %job.id, attempts = job.attempts, "recovered a job interrupted by a restart");
+            // Its lease stays in the record: the counter never hands that token out again.
+            record.job.state = JobState::Queued;
+            self.write(&record)?;
+            index.add(&record);
+            tracing::warn!(job_id = %record.job.id, attempts = record.job.attempts, "recovered a job interrupted by a restart");
         }
         drop(index);
-        for mut job in unlogged {
-            if self.append_log(&job) {
-                job.log_pending = false;
-                self.write(&job)?;
+        for mut record in unlogged {
+            if self.append_log(&record) {
+                record.log_pending = false;
+                self.write(&record)?;
             }
         }
         if self.options.log_retention.max_entries.is_some() {
@@ -294,7 +311,7 @@ impl SledQueue {
 
     async fn durable(&self) -> Result<(), StoreError> {
         match self.options.durability {
-            Durability::Strict => self.flusher.flush().await.map_err(StoreError::Flush),
+            Durability::Strict => Ok(self.flusher.flush().await?),
             Durability::Relaxed => Ok(()),
         }
     }
@@ -302,31 +319,11 @@ impl SledQueue {
     fn push_sync(&self, new: &NewJob) -> Result<Pushed, StoreError> {
         let now = self.clock.now_ms();
         let id = new.id.unwrap_or_else(Uuid::new_v4);
-        let delayed = new.delay_ms > 0;
-        let mut job = Job {
-            id,
-            user_id: new.user_id.clone(),
-            guild_id: new.guild_id.clone(),
-            conversation_id: new.conversation_id.clone(),
-            request: new.request.clone(),
-            priority: new.priority,
-            attempts: 0,
-            max_attempts: new.max_attempts.max(1),
-            state: if delayed {
-                JobState::Delayed
-            } else {
-                JobState::Queued
-            },
-            created_at: now,
-            started_at: None,
-            finished_at: None,
-            run_at: now.saturating_add(new.delay_ms),
-            result: None,
-            error: None,
-            idempotency_key: new.idempotency_key.clone(),
-            request_id: new.request_id.clone(),
+        let mut record = StoredJob {
+            job: new.to_job(id, now),
             seq: 0,
             log_pending: false,
+            lease: 0,
         };
         let mut index = self.lock();
         if let Some(key) = &new.idempotency_key {
@@ -335,9 +332,9 @@ impl SledQueue {
                 .get(&(new.user_id.clone(), key.clone()))
                 .copied();
             if let Some(existing) = existing {
-                if let Some(job) = self.read(existing)? {
+                if let Some(found) = self.read(existing)? {
                     return Ok(Pushed {
-                        job,
+                        job: found.job,
                         created: false,
                     });
                 }
@@ -351,152 +348,129 @@ impl SledQueue {
                 allowed: "a fresh id",
             });
         }
-        job.seq = index.seq();
+        record.seq = index.seq();
         if new.id.is_none() && new.idempotency_key.is_none() {
             // A fresh random id that no other call can know before this one returns: nothing
             // can read or move the job meanwhile, so the record is written outside the index
             // lock (held across sled's insert, it made concurrent pushes and claims queue
             // behind each other). The job joins the index once its record is written.
             drop(index);
-            self.write(&job)?;
-            self.lock().add(&job);
+            self.write(&record)?;
+            self.lock().add(&record);
         } else {
-            self.write(&job)?;
-            index.add(&job);
+            self.write(&record)?;
+            index.add(&record);
             drop(index);
         }
         // Wake a worker now: it may start on the job while the flush runs. If the process
         // dies before the flush, the job was never acknowledged, so nothing promised is lost.
-        self.work.notify_one();
-        Ok(Pushed { job, created: true })
+        self.notifier.work_available();
+        Ok(Pushed {
+            job: record.job,
+            created: true,
+        })
     }
 
-    /// Moves delayed jobs whose time has come into the ready queue.
+    /// Moves up to [`PROMOTE_PER_CLAIM`] delayed jobs whose time has come into the ready queue.
     fn promote_due(&self, index: &mut Index) -> Result<(), StoreError> {
         let now = self.clock.now_ms();
-        while let Some((&(due, seq), &id)) = index.delayed.first_key_value() {
+        for _ in 0..PROMOTE_PER_CLAIM {
+            let Some((&(due, seq), &id)) = index.delayed.first_key_value() else {
+                break;
+            };
             if due > now {
                 break;
             }
             index.delayed.remove(&(due, seq));
-            let Some(mut job) = self.read(id)? else {
+            let Some(mut record) = self.read(id)? else {
                 continue;
             };
-            if job.state != JobState::Delayed {
+            if record.job.state != JobState::Delayed {
                 continue;
             }
-            job.state = JobState::Queued;
-            job.seq = index.seq();
-            self.write(&job)?;
-            index.add(&job);
+            record.job.state = JobState::Queued;
+            record.seq = index.seq();
+            self.write(&record)?;
+            index.add(&record);
         }
         Ok(())
     }
 
-    fn claim_sync(&self) -> Result<Option<Job>, StoreError> {
+    fn claim_sync(&self) -> Result<Option<Claimed>, StoreError> {
         if self.paused.load(Ordering::Acquire) {
             return Ok(None);
         }
         let mut index = self.lock();
         self.promote_due(&mut index)?;
         while let Some(((priority, seq), id)) = index.ready.pop_first() {
-            let Some(mut job) = self.read(id)? else {
+            let Some(mut record) = self.read(id)? else {
                 tracing::error!(job_id = %id, "ready entry without a job record; skipped");
                 continue;
             };
-            if job.state != JobState::Queued || (job.priority, job.seq) != (priority, seq) {
-                tracing::error!(job_id = %id, state = job.state.as_str(), "stale ready entry; skipped");
+            if record.job.state != JobState::Queued
+                || (record.job.priority, record.seq) != (priority, seq)
+            {
+                tracing::error!(job_id = %id, state = record.job.state.as_str(), "stale ready entry; skipped");
                 continue;
             }
-            job.state = JobState::Active;
-            job.started_at = Some(self.clock.now_ms());
-            if let Err(e) = self.write(&job) {
+            record.job.state = JobState::Active;
+            record.job.started_at = Some(self.clock.now_ms());
+            record.lease = index.seq();
+            if let Err(e) = self.write(&record) {
                 // Put it back: the job is still queued on disk.
                 index.ready.insert((priority, seq), id);
                 return Err(e);
             }
             index.active.insert(id);
-            return Ok(Some(job));
+            let lease = Lease {
+                job_id: id,
+                token: record.lease,
+            };
+            return Ok(Some(Claimed {
+                job: record.job,
+                lease,
+            }));
         }
         Ok(None)
     }
 
-    /// Reads an active job for a finishing transition.
-    fn active_job(&self, id: Uuid, action: &'static str) -> Result<Job, StoreError> {
-        let job = self.read(id)?.ok_or(StoreError::NotFound(id))?;
-        if job.state != JobState::Active {
-            return Err(conflict(&job, action, "active"));
+    /// Reads the job `lease` claims, for a finishing transition: still active under that
+    /// very claim, or the lease is lost.
+    fn leased(&self, lease: &Lease) -> Result<StoredJob, StoreError> {
+        let record = self
+            .read(lease.job_id)?
+            .ok_or(StoreError::NotFound(lease.job_id))?;
+        if record.job.state != JobState::Active || record.lease != lease.token {
+            return Err(StoreError::LeaseLost(lease.job_id));
         }
-        Ok(job)
+        Ok(record)
     }
 
-    /// Writes `job`, which was `before` on disk, and moves it in the index to match.
-    fn rewrite(&self, index: &mut Index, before: &Job, job: &Job) -> Result<(), StoreError> {
-        self.write(job)?;
-        index.remove(before);
-        index.add(job);
-        Ok(())
-    }
-
-    /// Moves `job` (already updated in memory from `before`) to a finished state.
-    fn finish(
+    /// Writes `record`, which was `before` on disk, and moves it in the index to match.
+    fn rewrite(
         &self,
         index: &mut Index,
-        before: &Job,
-        job: &mut Job,
-        logged: bool,
+        before: &StoredJob,
+        record: &StoredJob,
     ) -> Result<(), StoreError> {
-        job.log_pending = logged;
-        self.rewrite(index, before, job)
-    }
-
-    fn interaction_for(job: &Job) -> Interaction {
-        let result = job.result.as_ref();
-        let action = if job.state == JobState::Completed {
-            Action::ChatBotInteraction
-        } else {
-            Action::ChatBotError
-        };
-        let error = job
-            .error
-            .as_ref()
-            .filter(|_| action == Action::ChatBotError);
-        Interaction {
-            id: String::new(),
-            job_id: job.id,
-            request_id: job.request_id.clone(),
-            user_id: job.user_id.clone(),
-            guild_id: job
-                .guild_id
-                .clone()
-                .unwrap_or_else(|| GLOBAL_GUILD.to_owned()),
-            action,
-            personality: job.request.personality.clone(),
-            prompt: job.request.prompt.clone(),
-            reply: result.map(|r| r.reply.clone()),
-            error: error.map(|e| e.message.clone()),
-            error_code: error.map(|e| e.code.clone()),
-            used_fallback: result.is_some_and(|r| r.used_fallback),
-            model: result.map(|r| r.model.clone()),
-            upstream_latency_ms: result.and_then(|r| r.upstream_latency_ms),
-            usage: result.and_then(|r| r.usage),
-            attempts: job.attempts,
-            timestamp: job.finished_at.unwrap_or_default(),
-        }
+        self.write(record)?;
+        index.remove(before);
+        index.add(record);
+        Ok(())
     }
 
     /// Writes the interaction entry of a finished job under its derived key; idempotent.
     /// Returns whether it was written; a failure is logged and counted, never raised.
-    fn append_log(&self, job: &Job) -> bool {
-        let entry = Self::interaction_for(job);
-        let key = interaction::log_key(entry.timestamp, job.seq);
+    fn append_log(&self, record: &StoredJob) -> bool {
+        let entry = Interaction::for_finished(&record.job);
+        let key = record::log_key(entry.timestamp, record.seq);
         let written = (|| -> Result<bool, StoreError> {
-            let bytes = codec::encode(&entry)?;
+            let bytes = record::encode_interaction(&entry)?;
             let fresh = self.log.insert(key, bytes)?.is_none();
             self.log_user
-                .insert(interaction::index_key(&entry.user_id, &key), &[])?;
+                .insert(record::index_key(&entry.user_id, &key), &[])?;
             self.log_guild
-                .insert(interaction::index_key(&entry.guild_id, &key), &[])?;
+                .insert(record::index_key(&entry.guild_id, &key), &[])?;
             Ok(fresh)
         })();
         match written {
@@ -508,115 +482,131 @@ impl SledQueue {
             }
             Err(e) => {
                 self.log_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(job_id = %job.id, error = %e, "the interaction-log entry could not be written; the job is finished");
+                tracing::error!(job_id = %record.job.id, error = %e, "the interaction-log entry could not be written; the job is finished");
                 false
             }
         }
     }
 
     /// After a finished record is written: its log entry, then the flag cleared.
-    fn log_finished(&self, job: &mut Job) -> Result<(), StoreError> {
-        if self.append_log(job) {
-            job.log_pending = false;
+    fn log_finished(&self, record: &mut StoredJob) -> Result<(), StoreError> {
+        if self.append_log(record) {
+            record.log_pending = false;
             let mut index = self.lock();
             // Only clear the flag if nothing else rewrote or removed the record meanwhile (an
             // admin retry gives it a new seq, retention drops it): the index still files it
             // under the same finished state, time and seq. Cheaper than reading it back.
-            let at = (job.finished_at.unwrap_or_default(), job.seq);
+            let at = (record.job.finished_at.unwrap_or_default(), record.seq);
             if index
-                .finished(job.state)
-                .is_some_and(|map| map.get(&at) == Some(&job.id))
+                .finished(record.job.state)
+                .is_some_and(|map| map.get(&at) == Some(&record.job.id))
             {
-                self.write(job)?;
+                self.write(record)?;
             }
         }
         Ok(())
     }
 
-    fn complete_sync(&self, id: Uuid, result: &JobResult) -> Result<Job, StoreError> {
+    fn complete_sync(&self, lease: &Lease, result: &JobResult) -> Result<Job, StoreError> {
         let now = self.clock.now_ms();
-        let mut job = {
+        let mut record = {
             let mut index = self.lock();
-            let before = self.active_job(id, "complete")?;
-            let mut job = before.clone();
+            let before = self.leased(lease)?;
+            let mut record = before.clone();
+            let job = &mut record.job;
             job.attempts += 1;
             job.state = JobState::Completed;
             job.finished_at = Some(now);
             job.result = Some(result.clone());
             job.error = None;
-            self.finish(&mut index, &before, &mut job, true)?;
-            job
+            record.log_pending = true;
+            self.rewrite(&mut index, &before, &record)?;
+            record
         };
-        self.log_finished(&mut job)?;
-        Ok(job)
+        self.log_finished(&mut record)?;
+        Ok(record.job)
     }
 
     fn fail_sync(
         &self,
-        id: Uuid,
+        lease: &Lease,
         error: &JobError,
         retry_in: Option<u64>,
     ) -> Result<(Job, FailOutcome), StoreError> {
         let now = self.clock.now_ms();
         let mut index = self.lock();
-        let before = self.active_job(id, "fail")?;
-        let mut job = before.clone();
-        job.attempts += 1;
-        job.error = Some(error.clone());
-        if let Some(delay) = retry_in.filter(|_| job.attempts < job.max_attempts) {
-            job.state = JobState::Delayed;
-            job.run_at = now.saturating_add(delay);
-            job.seq = index.seq();
-            self.rewrite(&mut index, &before, &job)?;
+        let before = self.leased(lease)?;
+        let mut record = before.clone();
+        record.job.attempts += 1;
+        record.job.error = Some(error.clone());
+        if let Some(delay) = retry_in.filter(|_| record.job.attempts < record.job.max_attempts) {
+            record.job.state = JobState::Delayed;
+            record.job.run_at = now.saturating_add(delay);
+            record.seq = index.seq();
+            self.rewrite(&mut index, &before, &record)?;
             drop(index);
             // A sleeping worker may be waiting for a later due time.
-            self.work.notify_one();
-            let at = job.run_at;
-            return Ok((job, FailOutcome::Retrying { at }));
+            self.notifier.work_available();
+            let at = record.job.run_at;
+            return Ok((record.job, FailOutcome::Retrying { at }));
         }
-        job.state = JobState::Failed;
-        job.finished_at = Some(now);
-        self.finish(&mut index, &before, &mut job, true)?;
+        record.job.state = JobState::Failed;
+        record.job.finished_at = Some(now);
+        record.log_pending = true;
+        self.rewrite(&mut index, &before, &record)?;
         drop(index);
-        self.log_finished(&mut job)?;
-        Ok((job, FailOutcome::Failed))
+        self.log_finished(&mut record)?;
+        Ok((record.job, FailOutcome::Failed))
     }
 
     fn cancel_sync(&self, id: Uuid) -> Result<Job, StoreError> {
         let mut index = self.lock();
         let before = self.read(id)?.ok_or(StoreError::NotFound(id))?;
-        if !matches!(before.state, JobState::Queued | JobState::Delayed) {
-            return Err(conflict(&before, "cancel", "queued or delayed"));
+        if !matches!(before.job.state, JobState::Queued | JobState::Delayed) {
+            return Err(conflict(&before.job, "cancel", "queued or delayed"));
         }
-        let mut job = before.clone();
-        job.state = JobState::Cancelled;
-        job.finished_at = Some(self.clock.now_ms());
-        self.finish(&mut index, &before, &mut job, false)?;
-        Ok(job)
+        let mut record = before.clone();
+        record.job.state = JobState::Cancelled;
+        record.job.finished_at = Some(self.clock.now_ms());
+        self.rewrite(&mut index, &before, &record)?;
+        Ok(record.job)
     }
 
     fn retry_sync(&self, id: Uuid) -> Result<Job, StoreError> {
         let mut index = self.lock();
         let before = self.read(id)?.ok_or(StoreError::NotFound(id))?;
-        if before.state != JobState::Failed {
-            return Err(conflict(&before, "retry", "failed"));
+        if before.job.state != JobState::Failed {
+            return Err(conflict(&before.job, "retry", "failed"));
         }
-        let mut job = before.clone();
+        let mut record = before.clone();
+        let job = &mut record.job;
         job.state = JobState::Queued;
         job.attempts = 0;
         job.error = None;
         job.started_at = None;
         job.finished_at = None;
-        job.log_pending = false;
-        job.seq = index.seq();
-        self.rewrite(&mut index, &before, &job)?;
+        record.log_pending = false;
+        record.seq = index.seq();
+        self.rewrite(&mut index, &before, &record)?;
         drop(index);
-        self.work.notify_one();
-        Ok(job)
+        self.notifier.work_available();
+        Ok(record.job)
     }
 
-    /// Removes the oldest records of `state` beyond the newest `keep`, [`PRUNE_CHUNK`] at a
-    /// time: the index lock is let go between chunks so pushes and claims are not held up
+    fn heartbeat_sync(&self, leases: &[Lease]) -> Result<Vec<Lease>, StoreError> {
+        let mut held = Vec::with_capacity(leases.len());
+        for lease in leases {
+            match self.leased(lease) {
+                Ok(_) => held.push(*lease),
+                Err(StoreError::LeaseLost(_) | StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(held)
+    }
+
+    /// Removes the oldest records of `state` beyond the newest `keep`, [`JOB_PRUNE_CHUNK`] at
+    /// a time: the index lock is let go between chunks so pushes and claims are not held up
     /// behind a long prune.
     fn prune_finished(&self, state: JobState, keep: u64) -> Result<u64, StoreError> {
         let mut removed = 0;
@@ -632,7 +622,7 @@ impl SledQueue {
     fn prune_finished_chunk(&self, state: JobState, keep: u64) -> Result<(u64, bool), StoreError> {
         let mut removed = 0;
         let mut index = self.lock();
-        while removed < PRUNE_CHUNK {
+        while removed < JOB_PRUNE_CHUNK {
             let Some(map) = index.finished(state) else {
                 return Ok((removed, true));
             };
@@ -643,9 +633,9 @@ impl SledQueue {
                 return Ok((removed, true));
             };
             if let Some(bytes) = self.jobs.remove(id.as_bytes())? {
-                if let Ok(job) = codec::decode::<Job>(&bytes) {
-                    if let Some(key) = job.idempotency_key {
-                        let k = (job.user_id, key);
+                if let Ok(record) = record::decode_job(&bytes) {
+                    if let Some(key) = record.job.idempotency_key {
+                        let k = (record.job.user_id, key);
                         if index.idempotency.get(&k) == Some(&id) {
                             index.idempotency.remove(&k);
                         }
@@ -672,8 +662,8 @@ impl SledQueue {
             let mut batch = Vec::new();
             for entry in self.log.iter() {
                 let (key, bytes) = entry?;
-                let old = cutoff.is_some_and(|c| key.len() >= 8 && timestamp_of(&key) < c);
-                if batch.len() >= CHUNK || !(old || (batch.len() as u64) < over) {
+                let old = cutoff.is_some_and(|c| key.len() >= 8 && record::timestamp_of(&key) < c);
+                if batch.len() >= LOG_PRUNE_CHUNK || !(old || (batch.len() as u64) < over) {
                     break;
                 }
                 batch.push((key, bytes));
@@ -685,11 +675,11 @@ impl SledQueue {
                 // The entry first: an index entry left by a crash here points at nothing and
                 // is skipped by queries.
                 self.log.remove(key)?;
-                if let Ok(entry) = codec::decode::<Interaction>(bytes) {
+                if let Ok(entry) = record::decode_interaction(bytes) {
                     self.log_user
-                        .remove(interaction::index_key(&entry.user_id, key))?;
+                        .remove(record::index_key(&entry.user_id, key))?;
                     self.log_guild
-                        .remove(interaction::index_key(&entry.guild_id, key))?;
+                        .remove(record::index_key(&entry.guild_id, key))?;
                 }
             }
             let n = batch.len() as u64;
@@ -702,15 +692,24 @@ impl SledQueue {
         }
     }
 
+    /// Retention for jobs and the log: blocking work, run off the async threads.
+    pub fn prune_sync(&self) -> Result<u64, StoreError> {
+        let mut removed = self.prune_finished(JobState::Completed, self.options.keep_completed)?;
+        removed += self.prune_finished(JobState::Failed, self.options.keep_failed)?;
+        removed += self.prune_finished(JobState::Cancelled, self.options.keep_failed)?;
+        removed += self.prune_log(self.options.log_retention)?;
+        Ok(removed)
+    }
+
     fn query_log_sync(&self, q: &LogQuery) -> Result<LogPage, StoreError> {
-        let limit = q.limit.clamp(1, 500);
+        let limit = q.limit.clamp(1, MAX_PAGE);
+        let cursor = match &q.cursor {
+            Some(cursor) => Some(record::parse_cursor(cursor).ok_or(StoreError::InvalidCursor)?),
+            None => None,
+        };
         let (tree, prefix, filter_guild) = match (&q.user_id, &q.guild_id) {
-            (Some(user), guild) => (
-                &self.log_user,
-                interaction::index_prefix(user),
-                guild.clone(),
-            ),
-            (None, Some(guild)) => (&self.log_guild, interaction::index_prefix(guild), None),
+            (Some(user), guild) => (&self.log_user, record::index_prefix(user), guild.clone()),
+            (None, Some(guild)) => (&self.log_guild, record::index_prefix(guild), None),
             (None, None) => (&self.log, Vec::new(), None),
         };
         let bound = |key: [u8; 16]| {
@@ -718,16 +717,16 @@ impl SledQueue {
             v.extend_from_slice(&key);
             v
         };
-        let lower = bound(interaction::log_key(q.since.unwrap_or(0), 0));
+        let lower = bound(record::log_key(q.since.unwrap_or(0), 0));
         let mut upper = match q.until {
-            Some(until) => bound(interaction::log_key(until, 0)),
+            Some(until) => bound(record::log_key(until, 0)),
             None => bound([0xff; 16]),
         };
-        if let Some(cursor) = &q.cursor {
-            let key = interaction::parse_cursor(cursor).unwrap_or([0; 16]);
+        if let Some(key) = cursor {
             upper = upper.min(bound(key));
         }
         let mut entries: Vec<Interaction> = Vec::with_capacity(limit);
+        let mut last_key = None;
         let mut next_cursor = None;
         for item in tree.range(lower..upper).rev() {
             let (key, value) = item?;
@@ -740,15 +739,16 @@ impl SledQueue {
                     None => continue,
                 }
             };
-            let mut entry: Interaction = codec::decode(&bytes)?;
+            let mut entry = record::decode_interaction(&bytes)?;
             if filter_guild.as_ref().is_some_and(|g| *g != entry.guild_id) {
                 continue;
             }
             if entries.len() == limit {
-                next_cursor = entries.last().map(|e| e.id.clone());
+                next_cursor = last_key.map(|k: Vec<u8>| record::cursor_of(&k));
                 break;
             }
-            entry.id = interaction::cursor_of(log_key);
+            entry.id = record::cursor_of(log_key).as_str().to_owned();
+            last_key = Some(log_key.to_vec());
             entries.push(entry);
         }
         Ok(LogPage {
@@ -772,106 +772,17 @@ impl SledQueue {
         };
         let mut jobs = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(job) = self.read(id)? {
-                jobs.push(job);
+            if let Some(record) = self.read(id)? {
+                jobs.push(record.job);
             }
         }
         Ok(jobs)
     }
 
-    /// Flushes sled and syncs its log file directly, bypassing group commit: a blocking call.
-    /// Only for measuring what group commit saves (`benches/queue.rs`); chatq never calls it.
-    pub fn flush_direct(&self) -> Result<(), StoreError> {
-        flusher::flush(&self.db, &self.log_file).map_err(|e| StoreError::Flush(e.into()))
-    }
-}
-
-fn timestamp_of(log_key: &[u8]) -> Millis {
-    let mut ts = [0u8; 8];
-    ts.copy_from_slice(&log_key[..8]);
-    Millis::from_be_bytes(ts)
-}
-
-impl JobQueue for SledQueue {
-    fn push(&self, job: NewJob) -> BoxFuture<'_, Result<Pushed, StoreError>> {
-        Box::pin(async move {
-            let pushed = self.push_sync(&job)?;
-            if pushed.created {
-                self.durable().await?;
-            }
-            Ok(pushed)
-        })
-    }
-
-    fn claim(&self) -> Result<Option<Job>, StoreError> {
-        self.claim_sync()
-    }
-
-    fn complete(&self, id: Uuid, result: JobResult) -> BoxFuture<'_, Result<Job, StoreError>> {
-        Box::pin(async move {
-            let job = self.complete_sync(id, &result)?;
-            self.durable().await?;
-            self.events.finished(&job);
-            Ok(job)
-        })
-    }
-
-    fn fail(
-        &self,
-        id: Uuid,
-        error: JobError,
-        retry_in: Option<u64>,
-    ) -> BoxFuture<'_, Result<(Job, FailOutcome), StoreError>> {
-        Box::pin(async move {
-            let (job, outcome) = self.fail_sync(id, &error, retry_in)?;
-            self.durable().await?;
-            if outcome == FailOutcome::Failed {
-                self.events.finished(&job);
-            }
-            Ok((job, outcome))
-        })
-    }
-
-    fn cancel(&self, id: Uuid) -> BoxFuture<'_, Result<Job, StoreError>> {
-        Box::pin(async move {
-            let job = self.cancel_sync(id)?;
-            self.durable().await?;
-            self.events.finished(&job);
-            Ok(job)
-        })
-    }
-
-    fn retry(&self, id: Uuid) -> BoxFuture<'_, Result<Job, StoreError>> {
-        Box::pin(async move {
-            let job = self.retry_sync(id)?;
-            self.durable().await?;
-            Ok(job)
-        })
-    }
-
-    fn set_paused(&self, paused: bool) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.meta.insert(PAUSED_KEY, &[u8::from(paused)])?;
-            self.paused.store(paused, Ordering::Release);
-            if !paused {
-                self.work.notify_waiters();
-            }
-            self.durable().await
-        })
-    }
-
-    fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
-        self.read(id)
-    }
-
-    fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError> {
-        self.list_sync(state, limit)
-    }
-
-    fn counts(&self) -> QueueCounts {
+    fn counts_now(&self) -> QueueCounts {
         let index = self.lock();
         QueueCounts {
-            waiting: index.ready.len() as u64,
+            queued: index.ready.len() as u64,
             active: index.active.len() as u64,
             completed: index.completed.len() as u64,
             failed: index.failed.len() as u64,
@@ -881,50 +792,146 @@ impl JobQueue for SledQueue {
         }
     }
 
-    fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+    /// Group-commit counters.
+    pub fn flush_stats(&self) -> FlushStats {
+        self.flusher.stats()
+    }
+
+    pub fn log_failures(&self) -> u64 {
+        self.log_failures.load(Ordering::Relaxed)
+    }
+
+    /// Flushes sled and syncs its log file directly, bypassing group commit: a blocking call.
+    /// Only for measuring what group commit saves (`benches/queue.rs`); chatq never calls it.
+    pub fn flush_direct(&self) -> Result<(), FlushError> {
+        flusher::flush(&self.db, &self.log_file)
+    }
+}
+
+#[async_trait]
+impl JobStore for SledQueue {
+    async fn push(&self, job: NewJob) -> Result<Pushed, StoreError> {
+        let pushed = self.push_sync(&job)?;
+        if pushed.created {
+            self.durable().await?;
+        }
+        Ok(pushed)
+    }
+
+    async fn claim(&self) -> Result<Option<Claimed>, StoreError> {
+        self.claim_sync()
+    }
+
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<Lease>, StoreError> {
+        // One process owns the directory, so a lease is lost only when a reopen recovered
+        // its job; nothing expires by time here.
+        self.heartbeat_sync(leases)
+    }
+
+    async fn complete(&self, lease: &Lease, result: JobResult) -> Result<Job, StoreError> {
+        let job = self.complete_sync(lease, &result)?;
+        self.durable().await?;
+        self.notifier.job_finished(&job);
+        Ok(job)
+    }
+
+    async fn fail(
+        &self,
+        lease: &Lease,
+        error: JobError,
+        retry_in: Option<u64>,
+    ) -> Result<(Job, FailOutcome), StoreError> {
+        let (job, outcome) = self.fail_sync(lease, &error, retry_in)?;
+        self.durable().await?;
+        if outcome == FailOutcome::Failed {
+            self.notifier.job_finished(&job);
+        }
+        Ok((job, outcome))
+    }
+
+    async fn cancel(&self, id: Uuid) -> Result<Job, StoreError> {
+        let job = self.cancel_sync(id)?;
+        self.durable().await?;
+        self.notifier.job_finished(&job);
+        Ok(job)
+    }
+
+    async fn retry(&self, id: Uuid) -> Result<Job, StoreError> {
+        let job = self.retry_sync(id)?;
+        self.durable().await?;
+        Ok(job)
+    }
+
+    async fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+        self.meta.insert(PAUSED_KEY, &[u8::from(paused)])?;
+        self.paused.store(paused, Ordering::Release);
+        if !paused {
+            self.notifier.work_available_for_all();
+        }
+        self.durable().await
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        Ok(self.read(id)?.map(|record| record.job))
+    }
+
+    async fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.list_sync(state, limit)
+    }
+
+    async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        Ok(self.counts_now())
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
         Ok(self
             .lock()
             .delayed
             .first_key_value()
             .map(|(&(due, _), _)| due))
     }
+}
 
-    fn work_signal(&self) -> &Notify {
-        &self.work
-    }
-
-    fn events(&self) -> &JobEvents {
-        &self.events
-    }
-
-    fn query_log(&self, query: &LogQuery) -> Result<LogPage, StoreError> {
+#[async_trait]
+impl InteractionLog for SledQueue {
+    async fn query(&self, query: &LogQuery) -> Result<LogPage, StoreError> {
         self.query_log_sync(query)
     }
+}
 
-    fn prune(&self) -> Result<u64, StoreError> {
-        let mut removed = self.prune_finished(JobState::Completed, self.options.keep_completed)?;
-        removed += self.prune_finished(JobState::Failed, self.options.keep_failed)?;
-        removed += self.prune_finished(JobState::Cancelled, self.options.keep_failed)?;
-        removed += self.prune_log(self.options.log_retention)?;
-        Ok(removed)
+#[async_trait]
+impl Maintenance for SledQueue {
+    async fn prune(&self) -> Result<u64, StoreError> {
+        // Called directly only in tests; the app prunes through `ResilientQueue`, which moves
+        // the work to the blocking pool.
+        self.prune_sync()
     }
 
-    fn sync(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { self.flusher.flush().await.map_err(StoreError::Flush) })
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(self.flusher.flush().await?)
+    }
+}
+
+#[async_trait]
+impl StoreHealth for SledQueue {
+    async fn accepting(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
-    fn log_failures(&self) -> u64 {
-        self.log_failures.load(Ordering::Relaxed)
-    }
-
-    fn flush_stats(&self) -> FlushStats {
-        self.flusher.stats()
+    async fn status(&self) -> Result<StoreStatus, StoreError> {
+        Ok(StoreStatus {
+            backend: "embedded",
+            durability: self.options.durability,
+            log_failures: self.log_failures(),
+            commits: self.flusher.stats().flushes,
+            disk: None,
+        })
     }
 }
 
 #[cfg(test)]
 impl SledQueue {
-    pub(crate) fn trees_for_tests(&self) -> &sled::Tree {
+    pub(crate) fn jobs_tree_for_tests(&self) -> &sled::Tree {
         &self.jobs
     }
 }

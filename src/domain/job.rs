@@ -1,8 +1,9 @@
-//! The job record and its states, as stored and as shown over the API.
+//! A chat job and its states: what every part of chatq (front door, workers, stores) agrees a
+//! job is. Storage keeps its own bookkeeping (ordering keys, repair flags, leases) beside it.
 //!
-//! The stored structs are plain (no `skip_serializing_if`, no untagged enums) because bincode
-//! encodes them positionally; the JSON view is derived from the same structs with serde's
-//! field names.
+//! The structs are plain (no `skip_serializing_if`, no untagged enums): the sled store encodes
+//! them positionally with bincode, so a field added, removed or reordered here changes its
+//! record layout and needs a new record version there (`store/sled/record.rs` pins the bytes).
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -90,7 +91,8 @@ pub struct ChatRequest {
     pub max_tokens: Option<u32>,
 }
 
-/// Token usage reported by the upstream.
+/// Token usage of one reply, as chatq records it (the upstream's wire type is separate, in
+/// `bot::upstream`, so a new field there changes no stored layout).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u32,
@@ -146,11 +148,6 @@ pub struct Job {
     pub idempotency_key: Option<String>,
     /// The `x-request-id` of the submitting request.
     pub request_id: Option<String>,
-    /// Ordering key inside the ready or delayed index (a sequence number unique in the store).
-    pub seq: u64,
-    /// The job is finished but its interaction-log entry is not confirmed written yet; the
-    /// next start writes it if a crash came in between.
-    pub log_pending: bool,
 }
 
 /// What a caller asks the queue to run.
@@ -187,17 +184,47 @@ impl NewJob {
             },
             priority: 0,
             delay_ms: 0,
-            max_attempts: 3,
+            max_attempts: crate::defaults::MAX_ATTEMPTS,
             idempotency_key: None,
             request_id: None,
         }
     }
 }
 
-/// Counts of jobs per state.
+impl NewJob {
+    /// The job this submission becomes when a store accepts it at `now` under `id`: every
+    /// backend builds it here, so a fresh job looks the same on each.
+    pub fn to_job(&self, id: Uuid, now: Millis) -> Job {
+        Job {
+            id,
+            user_id: self.user_id.clone(),
+            guild_id: self.guild_id.clone(),
+            conversation_id: self.conversation_id.clone(),
+            request: self.request.clone(),
+            priority: self.priority,
+            attempts: 0,
+            max_attempts: self.max_attempts.max(1),
+            state: if self.delay_ms > 0 {
+                JobState::Delayed
+            } else {
+                JobState::Queued
+            },
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            run_at: now.saturating_add(self.delay_ms),
+            result: None,
+            error: None,
+            idempotency_key: self.idempotency_key.clone(),
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+/// Counts of jobs per state, under the states' own names.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueCounts {
-    pub waiting: u64,
+    pub queued: u64,
     pub active: u64,
     pub completed: u64,
     pub failed: u64,

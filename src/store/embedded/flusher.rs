@@ -18,7 +18,7 @@
 //! hang on a 2-thread runtime, and `spawn_blocking` per batch adds a pool hop. The mutex is
 //! held only to push or take the waiter list, never across an await or the flush.
 //!
-//! Lifecycle: the thread is owned by [`Flusher`]; dropping it (when the last `Store` handle
+//! Lifecycle: the thread is owned by [`Flusher`]; dropping it (when its [`super::SledQueue`]
 //! goes) sets `shutdown`, wakes the thread, which answers whoever is still waiting with a
 //! final flush, and joins it.
 
@@ -28,7 +28,19 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-type Waiter = oneshot::Sender<Result<(), Arc<str>>>;
+type Waiter = oneshot::Sender<Result<(), FlushError>>;
+
+/// Why a flush did not make the writes before it durable. Cloned to every caller of the
+/// batch; the kind of the IO error is kept (a full disk and a failing one differ).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FlushError {
+    #[error("flushing the store failed: {0}")]
+    Flush(Arc<sled::Error>),
+    #[error("syncing the store's log file failed: {0}")]
+    Sync(Arc<std::io::Error>),
+    #[error("the store is shutting down")]
+    ShuttingDown,
+}
 
 #[derive(Default)]
 struct State {
@@ -85,12 +97,12 @@ impl Flusher {
     }
 
     /// Waits until everything written before this call is on disk.
-    pub(crate) async fn flush(&self) -> Result<(), Arc<str>> {
+    pub(crate) async fn flush(&self) -> Result<(), FlushError> {
         let (tx, rx) = oneshot::channel();
         let wake = {
             let mut state = lock(&self.shared.state);
             if state.shutdown {
-                return Err("the store is shutting down".into());
+                return Err(FlushError::ShuttingDown);
             }
             state.waiters.push(tx);
             std::mem::take(&mut state.idle)
@@ -98,8 +110,7 @@ impl Flusher {
         if wake {
             self.shared.wake.notify_one();
         }
-        rx.await
-            .unwrap_or_else(|_| Err("the flusher stopped before answering".into()))
+        rx.await.unwrap_or(Err(FlushError::ShuttingDown))
     }
 
     pub(crate) fn stats(&self) -> FlushStats {
@@ -128,11 +139,11 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 /// Writes out what sled buffers and makes it durable.
-pub(crate) fn flush(db: &sled::Db, log_file: &std::fs::File) -> Result<(), String> {
-    db.flush().map_err(|e| e.to_string())?;
+pub(crate) fn flush(db: &sled::Db, log_file: &std::fs::File) -> Result<(), FlushError> {
+    db.flush().map_err(|e| FlushError::Flush(Arc::new(e)))?;
     log_file
         .sync_data()
-        .map_err(|e| format!("syncing the store's log file: {e}"))
+        .map_err(|e| FlushError::Sync(Arc::new(e)))
 }
 
 fn run(db: &sled::Db, log_file: &std::fs::File, shared: &Shared) {
@@ -153,10 +164,10 @@ fn run(db: &sled::Db, log_file: &std::fs::File, shared: &Shared) {
             std::mem::take(&mut state.waiters)
         };
         let started = std::time::Instant::now();
-        let result = flush(db, log_file).map_err(|e| {
+        let result = flush(db, log_file);
+        if let Err(e) = &result {
             tracing::error!(error = %e, "flushing the store failed");
-            Arc::<str>::from(e)
-        });
+        }
         shared
             .flush_nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -20,9 +20,8 @@
 //! A reopen that fails (the directory became unreadable, say) is retried with a backoff from
 //! 250 ms up to 30 s.
 //!
-//! Long-polls and streams wait on [`JobEvents`] and workers on the work signal; both belong to
-//! this wrapper and are handed to each incarnation of the store, so nobody waits on a store
-//! that is gone.
+//! Each incarnation of the store reports to the same [`JobNotifier`] (the app's signals), so
+//! long-polls and idle workers carry on across a reopen.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,17 +29,17 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
-use tokio::sync::Notify;
+use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::flusher::FlushStats;
-use super::interaction::{LogPage, LogQuery};
-use super::job::{Job, JobError, JobResult, JobState, NewJob, QueueCounts};
-use super::{
-    DiskStatus, FailOutcome, JobEvents, JobQueue, Pushed, SledQueue, StoreError, StoreOptions,
-};
+use super::{SledQueue, is_disk_failure};
 use crate::clock::{Millis, SharedClock};
+use crate::domain::{Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob, QueueCounts};
+use crate::signals::JobNotifier;
+use crate::store::{
+    Claimed, DiskStatus, EmbeddedOptions, FailOutcome, InteractionLog, JobStore, Lease,
+    Maintenance, Pushed, StoreError, StoreHealth, StoreOptions, StoreStatus, Unavailable,
+};
 
 /// How often the monitor measures free space and, when broken, tries to reopen.
 const TICK: Duration = Duration::from_millis(250);
@@ -55,21 +54,21 @@ const UNKNOWN: u64 = u64::MAX;
 
 struct Shared {
     options: StoreOptions,
+    embedded: EmbeddedOptions,
     clock: SharedClock,
+    notifier: Arc<dyn JobNotifier>,
     current: RwLock<Option<Arc<SledQueue>>>,
     /// Why the store stopped writing; `None` while it is healthy.
     broken: Mutex<Option<Arc<str>>>,
     free: AtomicU64,
     reopens: AtomicU64,
-    work: Arc<Notify>,
-    events: Arc<JobEvents>,
     stop: Mutex<bool>,
     tick: Condvar,
     /// Failed reopens back off: (earliest next attempt, current delay).
     retry: Mutex<(Instant, Duration)>,
 }
 
-/// The [`JobQueue`] chatq runs on: a [`SledQueue`] with a free-space reserve and a reopen
+/// The embedded store chatq runs on: a [`SledQueue`] with a free-space reserve and a reopen
 /// after disk errors.
 pub struct ResilientQueue {
     shared: Arc<Shared>,
@@ -78,24 +77,22 @@ pub struct ResilientQueue {
 
 impl ResilientQueue {
     /// Opens the store and starts the disk monitor thread.
-    pub fn open(options: StoreOptions, clock: SharedClock) -> Result<Self, StoreError> {
-        let work = Arc::new(Notify::new());
-        let events = Arc::new(JobEvents::default());
-        let queue = SledQueue::open_with_signals(
-            options.clone(),
-            clock.clone(),
-            Arc::clone(&work),
-            Arc::clone(&events),
-        )?;
+    pub fn open(
+        options: StoreOptions,
+        embedded: EmbeddedOptions,
+        clock: SharedClock,
+        notifier: Arc<dyn JobNotifier>,
+    ) -> Result<Self, StoreError> {
+        let queue = SledQueue::open(options.clone(), &embedded, clock.clone(), notifier.clone())?;
         let shared = Arc::new(Shared {
             options,
+            embedded,
             clock,
+            notifier,
             current: RwLock::new(Some(Arc::new(queue))),
             broken: Mutex::new(None),
             free: AtomicU64::new(UNKNOWN),
             reopens: AtomicU64::new(0),
-            work,
-            events,
             stop: Mutex::new(false),
             tick: Condvar::new(),
             retry: Mutex::new((Instant::now(), TICK)),
@@ -105,7 +102,10 @@ impl ResilientQueue {
         let monitor = std::thread::Builder::new()
             .name("chatq-disk".into())
             .spawn(move || thread_shared.monitor())
-            .map_err(|e| StoreError::Flush(format!("starting the disk monitor: {e}").into()))?;
+            .map_err(|e| StoreError::Open {
+                what: "could not start the disk monitor thread".to_owned(),
+                source: Box::new(e),
+            })?;
         Ok(Self {
             shared,
             monitor: Some(monitor),
@@ -119,7 +119,7 @@ impl ResilientQueue {
     /// Notes a disk failure in `result` (the store is then reopened by the monitor).
     fn watch<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(e) = &result {
-            if e.is_disk_failure() {
+            if is_disk_failure(e) {
                 self.shared.mark_broken(e);
             }
         }
@@ -137,20 +137,28 @@ impl Drop for ResilientQueue {
     }
 }
 
+/// Every lock here guards a plain value (a flag, an `Option`, a pair) that a panicking
+/// holder cannot leave half-written, so a poisoned lock is taken as it is.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Shared {
     fn queue(&self) -> Result<Arc<SledQueue>, StoreError> {
-        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
-        match &*current {
+        match &*read(&self.current) {
             Some(queue) => Ok(Arc::clone(queue)),
-            None => Err(StoreError::Reopening {
-                cause: self
-                    .broken()
-                    .unwrap_or_else(|| "the store is closed".into()),
-            }),
+            None => Err(StoreError::Unavailable(match self.broken() {
+                Some(cause) => Unavailable::Recovering { cause },
+                None => Unavailable::Closed,
+            })),
         }
     }
 
@@ -162,7 +170,7 @@ impl Shared {
         let mut broken = lock(&self.broken);
         if broken.is_none() {
             tracing::error!(
-                data_dir = %self.options.path.display(),
+                data_dir = %self.embedded.path.display(),
                 error = %e,
                 "the store failed a write; refusing new jobs and reopening it once the disk has room"
             );
@@ -172,38 +180,38 @@ impl Shared {
 
     fn reserve_ok(&self) -> Result<(), StoreError> {
         let free = self.free.load(Ordering::Relaxed);
-        if free < self.options.min_free_bytes {
-            return Err(StoreError::DiskFull {
-                path: self.options.path.clone(),
+        if free < self.embedded.min_free_bytes {
+            return Err(StoreError::Unavailable(Unavailable::DiskFull {
+                path: self.embedded.path.clone(),
                 free,
-                reserve: self.options.min_free_bytes,
-            });
+                reserve: self.embedded.min_free_bytes,
+            }));
         }
         Ok(())
     }
 
     fn measure(&self) {
         let before = self.free.load(Ordering::Relaxed);
-        let free = match available_space(&self.options.path) {
+        let free = match available_space(&self.embedded.path) {
             Ok(free) => free,
             Err(e) => {
                 if before != UNKNOWN {
-                    tracing::warn!(data_dir = %self.options.path.display(), error = %e, "cannot measure free disk space");
+                    tracing::warn!(data_dir = %self.embedded.path.display(), error = %e, "cannot measure free disk space");
                 }
                 UNKNOWN
             }
         };
         self.free.store(free, Ordering::Relaxed);
-        let reserve = self.options.min_free_bytes;
+        let reserve = self.embedded.min_free_bytes;
         if free < reserve && before >= reserve {
             tracing::warn!(
-                data_dir = %self.options.path.display(),
+                data_dir = %self.embedded.path.display(),
                 free_mib = free / (1024 * 1024),
                 reserve_mib = reserve / (1024 * 1024),
                 "disk nearly full: new jobs are refused until space is freed (--min-free-disk-mb)"
             );
         } else if free >= reserve && before < reserve {
-            tracing::info!(data_dir = %self.options.path.display(), free_mib = free / (1024 * 1024), "disk space is back: accepting new jobs");
+            tracing::info!(data_dir = %self.embedded.path.display(), free_mib = free / (1024 * 1024), "disk space is back: accepting new jobs");
         }
     }
 
@@ -235,37 +243,32 @@ impl Shared {
         if self.reserve_ok().is_err() || Instant::now() < lock(&self.retry).0 {
             return;
         }
-        let old = self
-            .current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let old = write(&self.current).take();
         if let Some(old) = old {
             if let Err(old) = let_go(old) {
                 tracing::warn!("the broken store is still in use; trying again at the next tick");
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(old);
+                *write(&self.current) = Some(old);
                 return;
             }
         }
         let deadline = Instant::now() + RELOCK;
         loop {
-            match SledQueue::open_with_signals(
+            match SledQueue::open(
                 self.options.clone(),
+                &self.embedded,
                 self.clock.clone(),
-                Arc::clone(&self.work),
-                Arc::clone(&self.events),
+                Arc::clone(&self.notifier),
             ) {
                 Ok(queue) => {
-                    *self.current.write().unwrap_or_else(|p| p.into_inner()) =
-                        Some(Arc::new(queue));
+                    *write(&self.current) = Some(Arc::new(queue));
                     *lock(&self.broken) = None;
                     *lock(&self.retry) = (Instant::now(), TICK);
                     self.reopens.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(data_dir = %self.options.path.display(), after = %cause, "store reopened; accepting new jobs");
-                    self.work.notify_waiters();
+                    tracing::info!(data_dir = %self.embedded.path.display(), after = %cause, "store reopened; accepting new jobs");
+                    self.notifier.work_available_for_all();
                     return;
                 }
-                Err(e) if Instant::now() < deadline && matches!(e, StoreError::Locked { .. }) => {
+                Err(e) if Instant::now() < deadline && matches!(e, StoreError::InUse { .. }) => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(e) => {
@@ -273,7 +276,7 @@ impl Shared {
                     let delay = retry.1;
                     *retry = (Instant::now() + delay, (delay * 2).min(MAX_RETRY));
                     tracing::error!(
-                        error = %chain(&e),
+                        error = %crate::store::error_chain(&e),
                         retry_in_ms = delay.as_millis() as u64,
                         "reopening the store failed"
                     );
@@ -282,18 +285,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// `e` and its sources, as one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
 }
 
 /// Drops `queue` once in-flight calls have let go of it, or gives it back after [`DRAIN`].
@@ -324,128 +315,135 @@ fn available_space(path: &Path) -> std::io::Result<u64> {
     fs2::available_space(existing)
 }
 
-impl JobQueue for ResilientQueue {
-    fn push(&self, job: NewJob) -> BoxFuture<'_, Result<Pushed, StoreError>> {
-        Box::pin(async move {
-            self.accepting()?;
-            let queue = self.queue()?;
-            self.watch(queue.push(job).await)
-        })
+#[async_trait]
+impl JobStore for ResilientQueue {
+    async fn push(&self, job: NewJob) -> Result<Pushed, StoreError> {
+        self.accepting_now()?;
+        let queue = self.queue()?;
+        self.watch(queue.push(job).await)
     }
 
-    fn claim(&self) -> Result<Option<Job>, StoreError> {
+    async fn claim(&self) -> Result<Option<Claimed>, StoreError> {
         // A broken store cannot mark a job active; the reopen wakes the workers.
         if self.shared.broken().is_some() {
             return Ok(None);
         }
         let queue = self.queue()?;
-        self.watch(queue.claim())
+        self.watch(queue.claim().await)
     }
 
-    fn complete(&self, id: Uuid, result: JobResult) -> BoxFuture<'_, Result<Job, StoreError>> {
-        Box::pin(async move {
-            let queue = self.queue()?;
-            self.watch(queue.complete(id, result).await)
-        })
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<Lease>, StoreError> {
+        self.queue()?.heartbeat(leases).await
     }
 
-    fn fail(
+    async fn complete(&self, lease: &Lease, result: JobResult) -> Result<Job, StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.complete(lease, result).await)
+    }
+
+    async fn fail(
         &self,
-        id: Uuid,
+        lease: &Lease,
         error: JobError,
         retry_in: Option<u64>,
-    ) -> BoxFuture<'_, Result<(Job, FailOutcome), StoreError>> {
-        Box::pin(async move {
-            let queue = self.queue()?;
-            self.watch(queue.fail(id, error, retry_in).await)
-        })
+    ) -> Result<(Job, FailOutcome), StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.fail(lease, error, retry_in).await)
     }
 
-    fn cancel(&self, id: Uuid) -> BoxFuture<'_, Result<Job, StoreError>> {
-        Box::pin(async move {
-            let queue = self.queue()?;
-            self.watch(queue.cancel(id).await)
-        })
+    async fn cancel(&self, id: Uuid) -> Result<Job, StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.cancel(id).await)
     }
 
-    fn retry(&self, id: Uuid) -> BoxFuture<'_, Result<Job, StoreError>> {
-        Box::pin(async move {
-            let queue = self.queue()?;
-            self.watch(queue.retry(id).await)
-        })
+    async fn retry(&self, id: Uuid) -> Result<Job, StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.retry(id).await)
     }
 
-    fn set_paused(&self, paused: bool) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            let queue = self.queue()?;
-            self.watch(queue.set_paused(paused).await)
-        })
+    async fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.set_paused(paused).await)
     }
 
-    fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
-        self.queue()?.get(id)
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        self.queue()?.get(id).await
     }
 
-    fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError> {
-        self.queue()?.list(state, limit)
+    async fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.queue()?.list(state, limit).await
     }
 
-    fn counts(&self) -> QueueCounts {
-        self.queue().map(|q| q.counts()).unwrap_or_default()
+    async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        // While the store reopens there is no count to give: an error, not zeros.
+        self.queue()?.counts().await
     }
 
-    fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        self.queue()?.next_due()
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        self.queue()?.next_due().await
     }
+}
 
-    fn work_signal(&self) -> &Notify {
-        &self.shared.work
+#[async_trait]
+impl InteractionLog for ResilientQueue {
+    async fn query(&self, query: &LogQuery) -> Result<LogPage, StoreError> {
+        self.queue()?.query(query).await
     }
+}
 
-    fn events(&self) -> &JobEvents {
-        &self.shared.events
-    }
-
-    fn query_log(&self, query: &LogQuery) -> Result<LogPage, StoreError> {
-        self.queue()?.query_log(query)
-    }
-
-    fn prune(&self) -> Result<u64, StoreError> {
+#[async_trait]
+impl Maintenance for ResilientQueue {
+    async fn prune(&self) -> Result<u64, StoreError> {
         if self.shared.broken().is_some() {
             return Ok(0);
         }
         let queue = self.queue()?;
-        self.watch(queue.prune())
+        // Thousands of sled removals after a busy spell: off the async threads.
+        let pruned = tokio::task::spawn_blocking(move || queue.prune_sync())
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        self.watch(pruned)
     }
 
-    fn sync(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            let queue = self.queue()?;
-            self.watch(queue.sync().await)
-        })
+    async fn sync(&self) -> Result<(), StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.sync().await)
+    }
+}
+
+#[async_trait]
+impl StoreHealth for ResilientQueue {
+    async fn accepting(&self) -> Result<(), StoreError> {
+        self.accepting_now()
     }
 
-    fn log_failures(&self) -> u64 {
-        self.queue().map(|q| q.log_failures()).unwrap_or_default()
-    }
-
-    fn flush_stats(&self) -> FlushStats {
-        self.queue().map(|q| q.flush_stats()).unwrap_or_default()
-    }
-
-    fn disk(&self) -> DiskStatus {
+    async fn status(&self) -> Result<StoreStatus, StoreError> {
         let free = self.shared.free.load(Ordering::Relaxed);
-        DiskStatus {
+        let disk = DiskStatus {
             free_bytes: (free != UNKNOWN).then_some(free),
-            reserve_bytes: self.shared.options.min_free_bytes,
+            reserve_bytes: self.shared.embedded.min_free_bytes,
             failure: self.shared.broken(),
             reopens: self.shared.reopens.load(Ordering::Relaxed),
-        }
+        };
+        // The counters of the current incarnation; zero while it reopens.
+        let (log_failures, commits) = self
+            .queue()
+            .map(|q| (q.log_failures(), q.flush_stats().flushes))
+            .unwrap_or_default();
+        Ok(StoreStatus {
+            backend: "embedded",
+            durability: self.shared.options.durability,
+            log_failures,
+            commits,
+            disk: Some(disk),
+        })
     }
+}
 
-    fn accepting(&self) -> Result<(), StoreError> {
+impl ResilientQueue {
+    fn accepting_now(&self) -> Result<(), StoreError> {
         if let Some(cause) = self.shared.broken() {
-            return Err(StoreError::Reopening { cause });
+            return Err(StoreError::Unavailable(Unavailable::Recovering { cause }));
         }
         self.shared.reserve_ok()
     }

@@ -1,0 +1,851 @@
+//! The store contract: the promises of DESIGN §2–§3 as one suite of tests, written against
+//! the traits only. Every backend runs all of it with one line:
+//!
+//! ```ignore
+//! crate::store::contract::store_contract!(my_backend::TestBackend::new());
+//! ```
+//!
+//! where the expression builds a [`Backend`]: something that opens the store over its data,
+//! fresh the first time, the same data after that. The tests drive time with a
+//! [`ManualClock`] the store is opened with, and simulate a crash by dropping the store
+//! without a shutdown and opening it again ([`Harness::reopen`]). A claim that a crash left
+//! behind is released either at the next open (the embedded store, which one process owns)
+//! or when its lease runs out (a shared store): the tests let [`RECOVERY_MS`] pass and run
+//! maintenance before they expect the job back, so both ways pass.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+
+use crate::clock::{ManualClock, SharedClock};
+use crate::domain::{Action, JobError, JobResult, JobState, LogQuery, NewJob, Usage};
+use crate::signals::{JobNotifier, Signals};
+use crate::store::{Claimed, FailOutcome, Lease, Store, StoreError};
+
+/// The time the tests start at.
+pub const T0: u64 = 1_800_000_000_000;
+/// Longer than any lease a backend is tested with.
+pub const RECOVERY_MS: u64 = 120_000;
+
+/// What a backend gives the suite.
+pub trait Backend: Send + Sync {
+    /// Opens the store over this backend's data: empty the first time, what the previous
+    /// store left after that. Retention: 3 completed, 2 failed (and cancelled); the log's own
+    /// retention off.
+    fn open(
+        &self,
+        clock: SharedClock,
+        notifier: Arc<dyn JobNotifier>,
+    ) -> BoxFuture<'_, Arc<dyn Store>>;
+}
+
+/// A store under test, its clock and the signals it reports to.
+pub struct Harness {
+    backend: Box<dyn Backend>,
+    store: Option<Arc<dyn Store>>,
+    pub clock: Arc<ManualClock>,
+    pub signals: Arc<Signals>,
+}
+
+impl Harness {
+    pub async fn new(backend: Box<dyn Backend>) -> Self {
+        let clock = ManualClock::new(T0);
+        let signals = Arc::new(Signals::default());
+        let store = backend.open(clock.clone(), signals.clone()).await;
+        Self {
+            backend,
+            store: Some(store),
+            clock,
+            signals,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        self.store.as_ref().expect("a store is open")
+    }
+
+    /// Drops the store as a crash would (no shutdown) and opens the same data again.
+    pub async fn reopen(&mut self) {
+        let store = self.store.take().expect("a store is open");
+        assert_eq!(
+            Arc::strong_count(&store),
+            1,
+            "the test holds no other handle"
+        );
+        drop(store);
+        let store = self
+            .backend
+            .open(self.clock.clone(), self.signals.clone())
+            .await;
+        self.store = Some(store);
+    }
+
+    /// Lets every claim a crash left behind go, whichever way the backend does it.
+    pub async fn recover_abandoned_claims(&self) {
+        self.clock.advance(RECOVERY_MS);
+        self.store().prune().await.expect("maintenance runs");
+    }
+
+    async fn push(&self, new: NewJob) -> crate::domain::Job {
+        self.store().push(new).await.expect("push").job
+    }
+
+    async fn claim(&self) -> Claimed {
+        self.store()
+            .claim()
+            .await
+            .expect("claim")
+            .expect("a job is due")
+    }
+
+    async fn claim_none(&self) -> bool {
+        self.store().claim().await.expect("claim").is_none()
+    }
+
+    async fn all_log(&self) -> Vec<crate::domain::Interaction> {
+        self.store()
+            .query(&LogQuery {
+                limit: 500,
+                ..Default::default()
+            })
+            .await
+            .expect("query")
+            .entries
+    }
+}
+
+/// Declares every contract test for `$backend` (an expression building a [`Backend`]).
+macro_rules! store_contract {
+    ($backend:expr) => {
+        $crate::store::contract::store_contract!(@each $backend;
+            push_is_durable_and_found_after_reopen,
+            push_is_readable_and_counted,
+            claims_by_priority_then_fifo,
+            delayed_jobs_become_due_in_due_time_order,
+            idempotency_key_returns_the_first_job_for_the_same_user,
+            cancel_only_while_queued_or_delayed,
+            cancelled_queued_job_is_never_claimed,
+            complete_records_result_and_one_interaction,
+            a_finish_is_announced_after_it_is_stored,
+            failures_retry_until_max_attempts_then_fail_and_log,
+            permanent_failure_fails_at_once,
+            admin_retry_requeues_a_failed_job_with_fresh_attempts,
+            pause_stops_claims_and_survives_reopen,
+            retention_keeps_exactly_the_newest_n,
+            log_query_filters_and_paginates_newest_first,
+            a_cursor_the_store_did_not_make_is_refused,
+            abandoned_claims_come_back_with_their_attempts,
+            a_stale_lease_cannot_complete_or_fail,
+            heartbeats_keep_only_held_leases,
+            concurrent_claims_hand_out_each_job_exactly_once,
+            pushes_racing_claims_lose_nothing_and_one_idempotency_key_makes_one_job,
+        );
+    };
+    (@each $backend:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let harness =
+                    $crate::store::contract::Harness::new(Box::new($backend)).await;
+                $crate::store::contract::$name(harness).await;
+            }
+        )*
+    };
+}
+pub(crate) use store_contract;
+
+pub fn result(reply: &str) -> JobResult {
+    JobResult {
+        reply: reply.into(),
+        used_fallback: false,
+        model: "m".into(),
+        usage: Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            total_tokens: 7,
+        }),
+        processed_at: T0,
+        upstream_latency_ms: Some(5),
+    }
+}
+
+pub fn err(code: &str) -> JobError {
+    JobError {
+        code: code.into(),
+        message: format!("{code} happened"),
+        status: Some(500),
+    }
+}
+
+pub async fn push_is_durable_and_found_after_reopen(mut h: Harness) {
+    let mut new = NewJob::prompt("u1", "hello");
+    new.guild_id = Some("g".into());
+    new.priority = 3;
+    let job = h.push(new).await;
+    h.reopen().await;
+    let found = h
+        .store()
+        .get(job.id)
+        .await
+        .unwrap()
+        .expect("the acknowledged job survives");
+    assert_eq!(found, job);
+    assert_eq!(h.store().counts().await.unwrap().queued, 1);
+}
+
+pub async fn push_is_readable_and_counted(h: Harness) {
+    let job = h.push(NewJob::prompt("u1", "hello")).await;
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(h.store().get(job.id).await.unwrap().unwrap(), job);
+    assert_eq!(h.store().counts().await.unwrap().queued, 1);
+    assert!(h.store().get(uuid::Uuid::new_v4()).await.unwrap().is_none());
+}
+
+pub async fn claims_by_priority_then_fifo(h: Harness) {
+    let mut low = NewJob::prompt("u", "low");
+    low.priority = 5;
+    let low = h.push(low).await;
+    let a = h.push(NewJob::prompt("u", "a")).await;
+    let mut high = NewJob::prompt("u", "one");
+    high.priority = 1;
+    let one = h.push(high).await;
+    let b = h.push(NewJob::prompt("u", "b")).await;
+    let mut order = Vec::new();
+    while let Some(claimed) = h.store().claim().await.unwrap() {
+        assert_eq!(claimed.job.state, JobState::Active);
+        order.push(claimed.job.id);
+    }
+    assert_eq!(order, vec![a.id, b.id, one.id, low.id]);
+    let c = h.store().counts().await.unwrap();
+    assert_eq!((c.active, c.queued), (4, 0));
+}
+
+pub async fn delayed_jobs_become_due_in_due_time_order(h: Harness) {
+    let mut late = NewJob::prompt("u", "late");
+    late.delay_ms = 5_000;
+    let late = h.push(late).await;
+    let mut soon = NewJob::prompt("u", "soon");
+    soon.delay_ms = 1_000;
+    let soon = h.push(soon).await;
+    assert_eq!(late.state, JobState::Delayed);
+    assert_eq!(late.run_at, T0 + 5_000);
+    assert_eq!(h.store().counts().await.unwrap().delayed, 2);
+    assert_eq!(h.store().next_due().await.unwrap(), Some(T0 + 1_000));
+    assert!(h.claim_none().await, "nothing is due yet");
+    h.clock.advance(999);
+    assert!(h.claim_none().await);
+    h.clock.advance(1);
+    assert_eq!(h.claim().await.job.id, soon.id);
+    assert!(h.claim_none().await);
+    h.clock.advance(10_000);
+    assert_eq!(h.claim().await.job.id, late.id);
+    assert_eq!(h.store().counts().await.unwrap().delayed, 0);
+}
+
+pub async fn idempotency_key_returns_the_first_job_for_the_same_user(h: Harness) {
+    let mut first = NewJob::prompt("u1", "hi");
+    first.idempotency_key = Some("k".into());
+    let a = h.store().push(first.clone()).await.unwrap();
+    assert!(a.created);
+    let mut again = first.clone();
+    again.request.prompt = "different".into();
+    let b = h.store().push(again).await.unwrap();
+    assert!(!b.created);
+    assert_eq!(b.job.id, a.job.id);
+    assert_eq!(b.job.request.prompt, "hi");
+    let mut other_user = first;
+    other_user.user_id = "u2".into();
+    let c = h.store().push(other_user).await.unwrap();
+    assert!(c.created);
+    assert_ne!(c.job.id, a.job.id);
+    assert_eq!(h.store().counts().await.unwrap().queued, 2);
+}
+
+pub async fn cancel_only_while_queued_or_delayed(h: Harness) {
+    let queued = h.push(NewJob::prompt("u", "q")).await;
+    let mut d = NewJob::prompt("u", "d");
+    d.delay_ms = 60_000;
+    let delayed = h.push(d).await;
+    let cancelled = h.store().cancel(delayed.id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(
+        h.store().next_due().await.unwrap(),
+        None,
+        "delayed entry removed"
+    );
+
+    let active = h.claim().await;
+    assert_eq!(active.job.id, queued.id);
+    match h.store().cancel(active.job.id).await {
+        Err(StoreError::Conflict { state, .. }) => assert_eq!(state, "active"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    h.store()
+        .complete(&active.lease, result("ok"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        h.store().cancel(active.job.id).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(matches!(
+        h.store().cancel(cancelled.id).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(matches!(
+        h.store().cancel(uuid::Uuid::new_v4()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let c = h.store().counts().await.unwrap();
+    assert_eq!(
+        (c.cancelled, c.completed, c.queued, c.delayed),
+        (1, 1, 0, 0)
+    );
+}
+
+pub async fn cancelled_queued_job_is_never_claimed(h: Harness) {
+    let a = h.push(NewJob::prompt("u", "a")).await;
+    let b = h.push(NewJob::prompt("u", "b")).await;
+    h.store().cancel(a.id).await.unwrap();
+    assert_eq!(h.claim().await.job.id, b.id);
+    assert!(h.claim_none().await);
+}
+
+pub async fn complete_records_result_and_one_interaction(mut h: Harness) {
+    let mut new = NewJob::prompt("alice", "hello");
+    new.guild_id = Some("g1".into());
+    new.request_id = Some("req-1".into());
+    new.request.personality = Some("helpful".into());
+    let job = h.push(new).await;
+    let claimed = h.claim().await;
+    h.clock.advance(7);
+    let done = h
+        .store()
+        .complete(&claimed.lease, result("hi there"))
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.attempts, 1);
+    assert_eq!(done.finished_at, Some(T0 + 7));
+    assert_eq!(done.result.as_ref().unwrap().reply, "hi there");
+    // Completing twice is refused, not a second log entry.
+    assert!(matches!(
+        h.store().complete(&claimed.lease, result("again")).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    // Nothing of it is lost with the process, and the entry is not written again.
+    h.reopen().await;
+    assert_eq!(h.store().get(job.id).await.unwrap().unwrap(), done);
+    let entries = h.all_log().await;
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0];
+    assert_eq!(e.job_id, job.id);
+    assert_eq!(e.user_id, "alice");
+    assert_eq!(e.guild_id, "g1");
+    assert_eq!(e.request_id.as_deref(), Some("req-1"));
+    assert_eq!(e.action, Action::ChatBotInteraction);
+    assert_eq!(e.personality.as_deref(), Some("helpful"));
+    assert_eq!(e.prompt, "hello");
+    assert_eq!(e.reply.as_deref(), Some("hi there"));
+    assert_eq!(e.upstream_latency_ms, Some(5));
+    assert_eq!(e.usage.map(|u| u.total_tokens), Some(7));
+    assert_eq!((e.attempts, e.timestamp), (1, T0 + 7));
+    assert!(!e.id.is_empty(), "every entry carries its cursor");
+}
+
+pub async fn a_finish_is_announced_after_it_is_stored(h: Harness) {
+    let job = h.push(NewJob::prompt("u", "x")).await;
+    let mut finished = h.signals.finished.subscribe(job.id);
+    let claimed = h.claim().await;
+    h.store()
+        .complete(&claimed.lease, result("done"))
+        .await
+        .unwrap();
+    let announced = tokio::time::timeout(Duration::from_secs(5), finished.finished())
+        .await
+        .expect("the finish was announced")
+        .expect("with the job");
+    assert_eq!(announced.state, JobState::Completed);
+    let stored = h.store().get(job.id).await.unwrap().unwrap();
+    assert_eq!(stored, announced, "what is announced is what is stored");
+    // A cancel is a finish too.
+    let other = h.push(NewJob::prompt("u", "y")).await;
+    let mut cancelled = h.signals.finished.subscribe(other.id);
+    h.store().cancel(other.id).await.unwrap();
+    let announced = tokio::time::timeout(Duration::from_secs(5), cancelled.finished())
+        .await
+        .expect("the cancel was announced");
+    assert_eq!(announced.map(|j| j.state), Some(JobState::Cancelled));
+}
+
+pub async fn failures_retry_until_max_attempts_then_fail_and_log(h: Harness) {
+    let job = h.push(NewJob::prompt("bob", "hi")).await;
+    let lease = h.claim().await.lease;
+    let (j, outcome) = h
+        .store()
+        .fail(&lease, err("openai_error"), Some(2_000))
+        .await
+        .unwrap();
+    assert_eq!(outcome, FailOutcome::Retrying { at: T0 + 2_000 });
+    assert_eq!(j.state, JobState::Delayed);
+    assert_eq!(j.attempts, 1);
+    assert_eq!(j.error.as_ref().unwrap().code, "openai_error");
+    assert!(h.claim_none().await, "not before the backoff");
+    assert!(
+        h.all_log().await.is_empty(),
+        "a retried attempt is not logged"
+    );
+    h.clock.advance(2_000);
+    let lease = h.claim().await.lease;
+    let (_, outcome) = h
+        .store()
+        .fail(&lease, err("openai_error"), Some(4_000))
+        .await
+        .unwrap();
+    assert_eq!(outcome, FailOutcome::Retrying { at: T0 + 6_000 });
+    h.clock.advance(4_000);
+    let lease = h.claim().await.lease;
+    let (j, outcome) = h
+        .store()
+        .fail(&lease, err("openai_error"), Some(8_000))
+        .await
+        .unwrap();
+    assert_eq!(outcome, FailOutcome::Failed, "third attempt was the last");
+    assert_eq!(j.attempts, 3);
+    assert_eq!(j.state, JobState::Failed);
+    let page = h
+        .store()
+        .query(&LogQuery {
+            user_id: Some("bob".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.entries.len(), 1);
+    assert_eq!(page.entries[0].job_id, job.id);
+    assert_eq!(page.entries[0].action, Action::ChatBotError);
+    assert_eq!(page.entries[0].error_code.as_deref(), Some("openai_error"));
+    assert_eq!(page.entries[0].attempts, 3);
+}
+
+pub async fn permanent_failure_fails_at_once(h: Harness) {
+    h.push(NewJob::prompt("u", "x")).await;
+    let lease = h.claim().await.lease;
+    let (j, outcome) = h
+        .store()
+        .fail(&lease, err("bad_request"), None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, FailOutcome::Failed);
+    assert_eq!(j.attempts, 1);
+    assert_eq!(h.store().counts().await.unwrap().failed, 1);
+}
+
+pub async fn admin_retry_requeues_a_failed_job_with_fresh_attempts(h: Harness) {
+    let job = h.push(NewJob::prompt("u", "x")).await;
+    assert!(matches!(
+        h.store().retry(job.id).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let lease = h.claim().await.lease;
+    h.store().fail(&lease, err("e"), None).await.unwrap();
+    let again = h.store().retry(job.id).await.unwrap();
+    assert_eq!(again.state, JobState::Queued);
+    assert_eq!(again.attempts, 0);
+    assert!(again.error.is_none());
+    assert_eq!(h.store().counts().await.unwrap().failed, 0);
+    let claimed = h.claim().await;
+    assert_eq!(claimed.job.id, job.id);
+    assert_ne!(claimed.lease, lease, "a new claim, a new token");
+    assert!(
+        h.store()
+            .list(JobState::Failed, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        h.store().retry(uuid::Uuid::new_v4()).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn pause_stops_claims_and_survives_reopen(mut h: Harness) {
+    h.push(NewJob::prompt("u", "x")).await;
+    h.store().set_paused(true).await.unwrap();
+    assert!(h.claim_none().await);
+    assert!(h.store().counts().await.unwrap().paused);
+    h.reopen().await;
+    assert!(h.store().counts().await.unwrap().paused);
+    assert!(h.claim_none().await);
+    h.store().set_paused(false).await.unwrap();
+    assert!(!h.store().counts().await.unwrap().paused);
+    h.claim().await;
+}
+
+pub async fn retention_keeps_exactly_the_newest_n(h: Harness) {
+    // The backend keeps 3 completed and 2 failed.
+    let mut completed = Vec::new();
+    for i in 0..7 {
+        let mut new = NewJob::prompt("u", &format!("c{i}"));
+        new.idempotency_key = Some(format!("key-{i}"));
+        let job = h.push(new).await;
+        let lease = h.claim().await.lease;
+        h.clock.advance(10);
+        h.store().complete(&lease, result("ok")).await.unwrap();
+        completed.push(job.id);
+    }
+    let mut failed = Vec::new();
+    for i in 0..4 {
+        let job = h.push(NewJob::prompt("u", &format!("f{i}"))).await;
+        let lease = h.claim().await.lease;
+        h.clock.advance(10);
+        h.store().fail(&lease, err("e"), None).await.unwrap();
+        failed.push(job.id);
+    }
+    assert_eq!(h.store().prune().await.unwrap(), 4 + 2);
+    let c = h.store().counts().await.unwrap();
+    assert_eq!((c.completed, c.failed), (3, 2));
+    for id in &completed[..4] {
+        assert!(
+            h.store().get(*id).await.unwrap().is_none(),
+            "old completed job pruned"
+        );
+    }
+    for id in &completed[4..] {
+        assert!(
+            h.store().get(*id).await.unwrap().is_some(),
+            "newest completed job kept"
+        );
+    }
+    assert!(h.store().get(failed[1]).await.unwrap().is_none());
+    assert!(h.store().get(failed[2]).await.unwrap().is_some());
+    let listed: Vec<_> = h
+        .store()
+        .list(JobState::Completed, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(listed, vec![completed[6], completed[5], completed[4]]);
+    // The pruned job's idempotency key is free again.
+    let mut reuse = NewJob::prompt("u", "again");
+    reuse.idempotency_key = Some("key-0".into());
+    assert!(h.store().push(reuse).await.unwrap().created);
+    // The interaction log is not pruned by job retention.
+    assert_eq!(h.all_log().await.len(), 11);
+    assert_eq!(h.store().prune().await.unwrap(), 0);
+}
+
+pub async fn log_query_filters_and_paginates_newest_first(h: Harness) {
+    for i in 0..25 {
+        let mut new = NewJob::prompt(if i % 5 == 0 { "ann" } else { "ben" }, &format!("p{i}"));
+        new.guild_id = (i % 2 == 0).then(|| "g".to_string());
+        h.push(new).await;
+        let lease = h.claim().await.lease;
+        h.clock.advance(1_000);
+        h.store().complete(&lease, result("r")).await.unwrap();
+    }
+    let store = h.store();
+    let query = |f: LogQuery| async move { store.query(&f).await.unwrap() };
+    let ann = query(LogQuery {
+        user_id: Some("ann".into()),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    let prompts: Vec<_> = ann.entries.iter().map(|e| e.prompt.as_str()).collect();
+    assert_eq!(prompts, ["p20", "p15", "p10", "p5", "p0"]);
+    assert!(ann.next_cursor.is_none());
+
+    let ann_in_g = query(LogQuery {
+        user_id: Some("ann".into()),
+        guild_id: Some("g".into()),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    let prompts: Vec<_> = ann_in_g.entries.iter().map(|e| e.prompt.as_str()).collect();
+    assert_eq!(prompts, ["p20", "p10", "p0"]);
+
+    let global = query(LogQuery {
+        guild_id: Some("global".into()),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(global.entries.len(), 12);
+
+    // Time window: entries finished in [T0+5s, T0+10s).
+    let window = query(LogQuery {
+        since: Some(T0 + 5_000),
+        until: Some(T0 + 10_000),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    let prompts: Vec<_> = window.entries.iter().map(|e| e.prompt.as_str()).collect();
+    assert_eq!(prompts, ["p8", "p7", "p6", "p5", "p4"]);
+
+    // Cursor pagination covers everything exactly once, also under a filter.
+    for (user, expected) in [
+        (
+            None,
+            (0..25).rev().map(|i| format!("p{i}")).collect::<Vec<_>>(),
+        ),
+        (
+            Some("ben"),
+            (0..25)
+                .rev()
+                .filter(|i| i % 5 != 0)
+                .map(|i| format!("p{i}"))
+                .collect(),
+        ),
+    ] {
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = query(LogQuery {
+                user_id: user.map(str::to_owned),
+                cursor: cursor.clone(),
+                limit: 7,
+                ..Default::default()
+            })
+            .await;
+            assert!(page.entries.len() <= 7);
+            seen.extend(page.entries.iter().map(|e| e.prompt.clone()));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected, "user {user:?}");
+    }
+}
+
+pub async fn a_cursor_the_store_did_not_make_is_refused(h: Harness) {
+    for text in ["", "nope", "0000", "zz".repeat(16).as_str()] {
+        let q = LogQuery {
+            cursor: Some(crate::domain::Cursor::from_client(text.to_owned())),
+            limit: 10,
+            ..Default::default()
+        };
+        assert!(
+            matches!(h.store().query(&q).await, Err(StoreError::InvalidCursor)),
+            "cursor {text:?}"
+        );
+    }
+}
+
+pub async fn abandoned_claims_come_back_with_their_attempts(mut h: Harness) {
+    let job = h.push(NewJob::prompt("u", "x")).await;
+    let lease = h.claim().await.lease;
+    h.store().fail(&lease, err("e"), Some(1)).await.unwrap();
+    h.clock.advance(1);
+    let again = h.claim().await;
+    assert_eq!(again.job.state, JobState::Active);
+    let mut d = NewJob::prompt("u", "later");
+    d.delay_ms = 30_000 + RECOVERY_MS;
+    let delayed = h.push(d).await;
+    h.store().sync().await.unwrap();
+    // Dropped while active: as after a crash.
+    h.reopen().await;
+    h.recover_abandoned_claims().await;
+    let recovered = h.store().get(job.id).await.unwrap().unwrap();
+    assert_eq!(recovered.state, JobState::Queued);
+    assert_eq!(
+        recovered.attempts, 1,
+        "the interrupted attempt is not counted"
+    );
+    let c = h.store().counts().await.unwrap();
+    assert_eq!((c.queued, c.active, c.delayed), (1, 0, 1));
+    assert_eq!(h.claim().await.job.id, job.id);
+    // The delayed job kept its due time across the restart.
+    assert_eq!(
+        h.store().next_due().await.unwrap(),
+        Some(T0 + 1 + 30_000 + RECOVERY_MS)
+    );
+    h.clock.advance(30_000);
+    assert_eq!(h.claim().await.job.id, delayed.id);
+}
+
+pub async fn a_stale_lease_cannot_complete_or_fail(mut h: Harness) {
+    let job = h.push(NewJob::prompt("u", "x")).await;
+    let stale = h.claim().await.lease;
+    let forged = Lease {
+        job_id: job.id,
+        token: stale.token.wrapping_add(1),
+    };
+    assert!(matches!(
+        h.store().complete(&forged, result("forged")).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    h.reopen().await;
+    h.recover_abandoned_claims().await;
+    let current = h.claim().await;
+    assert_eq!(current.job.id, job.id);
+    assert_ne!(
+        current.lease.token, stale.token,
+        "each claim has its own token"
+    );
+    for outcome in [
+        h.store().complete(&stale, result("late")).await.map(|_| ()),
+        h.store().fail(&stale, err("late"), None).await.map(|_| ()),
+        h.store()
+            .fail(&stale, err("late"), Some(10))
+            .await
+            .map(|_| ()),
+    ] {
+        assert!(
+            matches!(outcome, Err(StoreError::LeaseLost(_))),
+            "{outcome:?}"
+        );
+    }
+    let still = h.store().get(job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (still.state, still.attempts),
+        (JobState::Active, 0),
+        "nothing recorded"
+    );
+    let done = h
+        .store()
+        .complete(&current.lease, result("right"))
+        .await
+        .unwrap();
+    assert_eq!(done.result.unwrap().reply, "right");
+    assert!(matches!(
+        h.store().complete(&stale, result("late")).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    let log = h.all_log().await;
+    assert_eq!(log.len(), 1, "one recorded outcome");
+    assert_eq!(log[0].reply.as_deref(), Some("right"));
+}
+
+pub async fn heartbeats_keep_only_held_leases(h: Harness) {
+    for i in 0..3 {
+        h.push(NewJob::prompt("u", &format!("{i}"))).await;
+    }
+    let a = h.claim().await.lease;
+    let b = h.claim().await.lease;
+    let c = h.claim().await.lease;
+    h.store().complete(&b, result("done")).await.unwrap();
+    let forged = Lease {
+        job_id: c.job_id,
+        token: c.token.wrapping_add(7),
+    };
+    let held = h.store().heartbeat(&[a, b, c, forged]).await.unwrap();
+    assert_eq!(held, vec![a, c]);
+    assert!(h.store().heartbeat(&[]).await.unwrap().is_empty());
+}
+
+pub async fn concurrent_claims_hand_out_each_job_exactly_once(h: Harness) {
+    const JOBS: usize = 400;
+    const CLAIMERS: usize = 64;
+    let mut pushed = HashSet::new();
+    for i in 0..JOBS {
+        pushed.insert(h.push(NewJob::prompt("u", &format!("{i}"))).await.id);
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..CLAIMERS {
+        let store = Arc::clone(h.store());
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(claimed) = store.claim().await.unwrap() {
+                mine.push(claimed.job.id);
+                store.complete(&claimed.lease, result("ok")).await.unwrap();
+            }
+            mine
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    let unique: HashSet<_> = claimed.iter().copied().collect();
+    assert_eq!(claimed.len(), JOBS, "no job handed out twice");
+    assert_eq!(unique, pushed, "no job skipped");
+    assert_eq!(h.store().counts().await.unwrap().completed, JOBS as u64);
+    assert_eq!(h.all_log().await.len(), JOBS, "one entry per job");
+}
+
+/// Pushes racing claimers must still hand every job out exactly once, and racing pushes
+/// with one idempotency key must still make one job.
+pub async fn pushes_racing_claims_lose_nothing_and_one_idempotency_key_makes_one_job(h: Harness) {
+    const PUSHERS: usize = 8;
+    const EACH: usize = 100;
+    let claimed_total = Arc::new(AtomicUsize::new(0));
+    let claimers: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, claimed_total) = (Arc::clone(h.store()), Arc::clone(&claimed_total));
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                let give_up = Instant::now() + Duration::from_secs(30);
+                while claimed_total.load(Ordering::SeqCst) < PUSHERS * EACH
+                    && Instant::now() < give_up
+                {
+                    match store.claim().await.unwrap() {
+                        Some(claimed) => {
+                            claimed_total.fetch_add(1, Ordering::SeqCst);
+                            mine.push(claimed.job.id);
+                            store.complete(&claimed.lease, result("ok")).await.unwrap();
+                        }
+                        None => tokio::task::yield_now().await,
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    let pushers: Vec<_> = (0..PUSHERS)
+        .map(|p| {
+            let store = Arc::clone(h.store());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..EACH {
+                    let new = NewJob::prompt("u", &format!("{p}-{i}"));
+                    ids.push(store.push(new).await.unwrap().job.id);
+                }
+                ids
+            })
+        })
+        .collect();
+    let same_key: Vec<_> = (0..16)
+        .map(|i| {
+            let store = Arc::clone(h.store());
+            let mut new = NewJob::prompt("u", &format!("keyed {i}"));
+            new.idempotency_key = Some("one".into());
+            tokio::spawn(async move { store.push(new).await.unwrap() })
+        })
+        .collect();
+    let mut pushed = HashSet::new();
+    for t in pushers {
+        pushed.extend(t.await.unwrap());
+    }
+    let mut keyed = Vec::new();
+    for t in same_key {
+        keyed.push(t.await.unwrap());
+    }
+    assert_eq!(keyed.iter().filter(|p| p.created).count(), 1);
+    assert!(keyed.iter().all(|p| p.job.id == keyed[0].job.id));
+    // The keyed job is queued too; the claimers stop after the fresh ones' count, so it may
+    // or may not be among what they took.
+    pushed.insert(keyed[0].job.id);
+    let mut claimed = Vec::new();
+    for t in claimers {
+        claimed.extend(t.await.unwrap());
+    }
+    let unique: HashSet<_> = claimed.iter().copied().collect();
+    assert_eq!(unique.len(), claimed.len(), "no job handed out twice");
+    assert!(unique.is_subset(&pushed), "only pushed jobs handed out");
+    let left = h.store().claim().await.unwrap().map(|c| c.job.id);
+    let mut all = unique.clone();
+    all.extend(left);
+    assert_eq!(all, pushed, "every pushed job claimable exactly once");
+    assert!(h.claim_none().await);
+}
