@@ -18,7 +18,9 @@ fn open(dir: &std::path::Path, durability: Durability) -> Arc<SledQueue> {
     let mut options = StoreOptions::embedded(dir);
     options.durability = durability;
     options.keep_completed = u64::MAX;
-    let Backend::Embedded(embedded) = options.backend.clone();
+    let Backend::Embedded(embedded) = options.backend.clone() else {
+        unreachable!("built as embedded")
+    };
     let queue = SledQueue::open(
         options,
         &embedded,

@@ -55,6 +55,8 @@ pub enum DurabilityArg {
 pub enum Command {
     /// Run the server: HTTP API, queue and workers.
     Serve(Box<ServeArgs>),
+    /// Apply the database schema's migrations (`serve` also does at start).
+    Migrate(MigrateArgs),
     /// Submit a chat job to a running server and print it.
     Submit(SubmitArgs),
     /// Show one job.
@@ -72,9 +74,23 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (the log says which).
     #[arg(long, env = "CHATQ_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
-    /// Directory of the embedded database.
+    /// Directory of the embedded database (unused with --database-url).
     #[arg(long, env = "CHATQ_DATA_DIR", default_value = defaults::DATA_DIR)]
     pub data_dir: PathBuf,
+    /// A PostgreSQL database (`postgres://user:password@host/db`) that replicas share: one
+    /// queue, one log, one pause state. Without it, the embedded store in --data-dir.
+    #[arg(long, env = "CHATQ_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// How long a job's claim holds without a heartbeat (renewed every third of it); a
+    /// crashed replica's jobs run elsewhere after it.
+    #[arg(long, env = "CHATQ_LEASE_SECS", default_value_t = defaults::LEASE_SECS, value_parser = clap::value_parser!(u64).range(3..=3_600))]
+    pub lease_secs: u64,
+    /// This replica's name on its claims (default: host name and process id).
+    #[arg(long, env = "CHATQ_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+    /// Connections this replica keeps to the database.
+    #[arg(long, env = "CHATQ_DATABASE_POOL_SIZE", default_value_t = defaults::DATABASE_POOL_SIZE, value_parser = clap::value_parser!(u32).range(2..=1_000))]
+    pub database_pool_size: u32,
     /// Number of workers calling the upstream at once.
     #[arg(long, env = "CHATQ_WORKERS", default_value_t = defaults::WORKERS, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
@@ -152,6 +168,13 @@ pub struct ServeArgs {
     /// Per-request time limit in seconds (long-polls end earlier, at 60 s).
     #[arg(long, env = "CHATQ_REQUEST_TIMEOUT_SECS", default_value_t = defaults::REQUEST_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(61..=3_600))]
     pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The PostgreSQL database to migrate.
+    #[arg(long, env = "CHATQ_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
 }
 
 /// Where a client subcommand finds the server.

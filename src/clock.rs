@@ -14,6 +14,12 @@ pub type Millis = u64;
 /// A source of the current time in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now_ms(&self) -> Millis;
+
+    /// `true` for the real clock: a shared store may then use its own (the database's), so
+    /// replicas whose clocks drift agree on due times. A test clock is always obeyed.
+    fn is_wall_clock(&self) -> bool {
+        false
+    }
 }
 
 /// The real clock.
@@ -26,6 +32,10 @@ impl Clock for SystemClock {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as Millis)
             .unwrap_or(0)
+    }
+
+    fn is_wall_clock(&self) -> bool {
+        true
     }
 }
 

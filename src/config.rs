@@ -14,7 +14,7 @@ use crate::bot::UpstreamConfig;
 use crate::cli::{DurabilityArg, FailurePolicyArg, ServeArgs};
 use crate::defaults;
 pub use crate::secret::Secret;
-use crate::store::{Backend, Durability, LogRetention, StoreOptions};
+use crate::store::{Backend, Durability, LogRetention, PostgresOptions, StoreOptions};
 use crate::worker::{FailurePolicy, WorkerConfig};
 
 /// A configuration value that was refused; the message names the flag.
@@ -30,6 +30,35 @@ fn refuse(flag: &'static str, reason: impl Into<String>) -> ConfigError {
         flag,
         reason: reason.into(),
     }
+}
+
+/// How often idle workers look for work on a shared store, which other replicas fill.
+pub const SHARED_POLL: Duration = Duration::from_secs(1);
+
+/// Checks a `--database-url`.
+pub fn database_url(url: String) -> Result<Secret, ConfigError> {
+    const FLAG: &str = "--database-url (CHATQ_DATABASE_URL)";
+    let url = url.trim();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(refuse(
+            FLAG,
+            "the URL must start with postgres:// or postgresql://",
+        ));
+    }
+    // Parsed the way the store will parse it; the message never repeats the URL (it may
+    // hold a password).
+    crate::store::postgres::check_url(url).map_err(|reason| refuse(FLAG, reason))?;
+    Ok(Secret::new(url))
+}
+
+/// This process's name on its claims: the host's name and the process id.
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "chatq".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Everything `chatq serve` needs, checked.
@@ -120,18 +149,26 @@ impl Config {
                 api_key: Secret::new(key.trim()),
                 timeout,
             });
-        let mut store = StoreOptions::embedded(args.data_dir);
+        let lease = Duration::from_secs(args.lease_secs);
+        let mut store = match args.database_url {
+            Some(url) => StoreOptions::postgres(PostgresOptions {
+                url: database_url(url)?,
+                lease,
+                replica: args.replica_name.unwrap_or_else(default_replica_name),
+                pool_size: args.database_pool_size as usize,
+            }),
+            None => StoreOptions::embedded(args.data_dir),
+        };
         store.durability = match args.durability {
             DurabilityArg::Strict => Durability::Strict,
             DurabilityArg::Relaxed => Durability::Relaxed,
         };
         store.keep_completed = args.keep_completed;
         store.keep_failed = args.keep_failed;
-        match &mut store.backend {
-            Backend::Embedded(embedded) => {
-                embedded.min_free_bytes = args.min_free_disk_mb.saturating_mul(1024 * 1024);
-            }
+        if let Backend::Embedded(embedded) = &mut store.backend {
+            embedded.min_free_bytes = args.min_free_disk_mb.saturating_mul(1024 * 1024);
         }
+        let poll = store.is_shared().then_some(SHARED_POLL);
         store.log_retention = LogRetention {
             max_entries: args.log_max_entries,
             max_age_ms: args.log_max_age_days.map(|d| d.saturating_mul(86_400_000)),
@@ -146,6 +183,8 @@ impl Config {
                     FailurePolicyArg::Fail => FailurePolicy::Fail,
                     FailurePolicyArg::Fallback => FailurePolicy::Fallback,
                 },
+                lease,
+                poll,
                 ..WorkerConfig::default()
             },
             max_attempts: args.max_attempts,
@@ -195,6 +234,25 @@ mod tests {
         let mut c = Config::new("x");
         c.api_token = Some(s);
         assert!(!format!("{c:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn a_database_url_selects_the_shared_store_and_never_prints() {
+        let c = parse(&[
+            "--database-url",
+            "postgres://chatq:hunter2@db.example/chatq",
+        ])
+        .unwrap();
+        assert!(c.store.is_shared());
+        assert_eq!(c.worker.poll, Some(SHARED_POLL));
+        assert_eq!(c.worker.lease, Duration::from_secs(30));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let err = parse(&["--database-url", "mysql://x"]).unwrap_err();
+        assert!(err.contains("--database-url"), "{err}");
+        let err = parse(&["--database-url", "postgres://u:hunter2@h:notaport/db"]).unwrap_err();
+        assert!(err.contains("--database-url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(!parse(&[]).unwrap().store.is_shared());
     }
 
     #[test]

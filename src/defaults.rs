@@ -40,3 +40,7 @@ pub const MODEL: &str = "gpt-4o-mini";
 pub const MAX_CONCURRENT_REQUESTS: u32 = 1_024;
 /// `--request-timeout-secs`
 pub const REQUEST_TIMEOUT_SECS: u64 = 90;
+/// `--lease-secs`: how long a claim holds without a heartbeat (renewed every third of it).
+pub const LEASE_SECS: u64 = 30;
+/// `--database-pool-size`: connections per replica to a shared store.
+pub const DATABASE_POOL_SIZE: u32 = 16;

@@ -11,7 +11,8 @@
 //! - [`clock`]: the time as the queue sees it (injectable for tests).
 //! - [`domain`]: what a job, a message and a logged interaction are; every layer speaks it.
 //! - [`store`]: the durable queue and interaction log behind [`store::Store`]'s traits; the
-//!   embedded backend (sled) in [`store::embedded`].
+//!   embedded backend (sled) in [`store::embedded`], the shared one (PostgreSQL) in
+//!   [`store::postgres`].
 //! - [`signals`]: in-process wake-ups, long-poll notifications and reply streams.
 //! - [`validate`]: message validation rules, single and bulk.
 //! - [`limiter`]: the per-user governor limiter and its numbers for the headers.

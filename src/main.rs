@@ -29,6 +29,7 @@ async fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        Command::Migrate(args) => migrate(args).await,
         Command::Submit(args) => client::submit(args).await,
         Command::Job(args) => client::job(args).await,
         Command::Stats(args) => client::stats(args).await,
@@ -42,6 +43,17 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn migrate(args: chatq::cli::MigrateArgs) -> anyhow::Result<()> {
+    let url = chatq::config::database_url(args.database_url)?;
+    let (before, now) = chatq::store::postgres::migrate(&url).await?;
+    if before == now {
+        println!("the database schema is at version {now}; nothing to do");
+    } else {
+        println!("the database schema went from version {before} to version {now}");
+    }
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

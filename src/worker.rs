@@ -55,10 +55,13 @@ pub struct WorkerConfig {
     pub on_upstream_failure: FailurePolicy,
     /// How long a claim holds without renewal; renewed every third of it.
     pub lease: Duration,
+    /// Look for work at least this often even without a wake-up: a shared store gets new work
+    /// from other replicas, which this process's signals do not hear of.
+    pub poll: Option<Duration>,
 }
 
 /// How long a claim holds without a heartbeat.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(crate::defaults::LEASE_SECS);
 
 impl Default for WorkerConfig {
     fn default() -> Self {
@@ -68,6 +71,7 @@ impl Default for WorkerConfig {
             backoff_cap: Duration::from_secs(crate::defaults::BACKOFF_CAP_SECS),
             on_upstream_failure: FailurePolicy::Fail,
             lease: DEFAULT_LEASE,
+            poll: None,
         }
     }
 }
@@ -351,7 +355,8 @@ async fn run_loop(n: usize, worker: &Worker, stop: &CancellationToken) {
         match worker.process_next().await {
             Ok(Processed::Empty) => {
                 let timer = async {
-                    match worker.idle_wait().await {
+                    let due = worker.idle_wait().await;
+                    match due.into_iter().chain(worker.config.poll).min() {
                         Some(wait) => tokio::time::sleep(wait).await,
                         None => std::future::pending().await,
                     }

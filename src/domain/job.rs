@@ -41,6 +41,11 @@ impl JobState {
         }
     }
 
+    /// The state named `name` (as [`JobState::as_str`] spells it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     pub const ALL: [JobState; 6] = [
         Self::Queued,
         Self::Delayed,

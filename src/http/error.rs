@@ -50,6 +50,8 @@ pub enum ApiError {
     Upstream { message: String },
     /// 503: the store cannot write, or chatq is shutting down.
     Unavailable { message: String },
+    /// 503: the shared store's database cannot be reached.
+    StoreUnreachable,
 }
 
 #[derive(Serialize)]
@@ -110,7 +112,7 @@ impl ApiError {
             Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal | Self::Upstream { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::StoreUnreachable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -184,6 +186,12 @@ impl ApiError {
                 (message.clone(), "server_error", "service_unavailable", None)
             }
             Self::Upstream { message } => (message.clone(), "server_error", "openai_error", None),
+            Self::StoreUnreachable => (
+                "The job store is unreachable; try again".to_owned(),
+                "server_error",
+                "store_unavailable",
+                None,
+            ),
         }
     }
 }
@@ -250,6 +258,10 @@ impl From<StoreError> for ApiError {
                 message: "The job store hit a disk error and is recovering; try again shortly"
                     .to_owned(),
             },
+            StoreError::Unavailable(Unavailable::Unreachable { cause }) => {
+                tracing::warn!(cause = %cause, "the job store is unreachable");
+                Self::StoreUnreachable
+            }
             StoreError::Unavailable(Unavailable::Closed) => Self::Unavailable {
                 message: "The job store is closed: chatq is shutting down".to_owned(),
             },

@@ -279,6 +279,10 @@ pub struct WaitQuery {
     wait: Option<u64>,
 }
 
+/// How often a long-poll on a shared store re-reads the job: another replica may finish it,
+/// and this process's signals do not hear of that.
+const SHARED_POLL: Duration = Duration::from_secs(1);
+
 /// The one long-poll: waits on `subscription` (taken before the job was last read or pushed,
 /// so a finish in between is not missed) until job `id` finishes, `wait` passes or shutdown
 /// begins, then answers the job as the store has it.
@@ -288,20 +292,32 @@ pub async fn await_finish(
     id: Uuid,
     wait: Duration,
 ) -> Result<Job, ApiError> {
-    tokio::select! {
-        finished = subscription.finished() => {
-            if let Some(job) = finished {
-                return Ok(job);
-            }
+    let deadline = tokio::time::Instant::now() + wait;
+    let poll = state.config.store.is_shared().then_some(SHARED_POLL);
+    let mut listening = true;
+    loop {
+        let next = poll.map_or(deadline, |p| deadline.min(tokio::time::Instant::now() + p));
+        tokio::select! {
+            finished = subscription.finished(), if listening => match finished {
+                Some(job) => return Ok(job),
+                // Nothing more will come this way; the deadline or a re-read ends the wait.
+                None => listening = false,
+            },
+            _ = tokio::time::sleep_until(next) => {}
+            _ = state.shutdown.cancelled() => {}
         }
-        _ = tokio::time::sleep(wait) => {}
-        _ = state.shutdown.cancelled() => {}
+        let job = state
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(ApiError::job_not_found)?;
+        if job.state.is_terminal()
+            || tokio::time::Instant::now() >= deadline
+            || state.shutdown.is_cancelled()
+        {
+            return Ok(job);
+        }
     }
-    state
-        .store
-        .get(id)
-        .await?
-        .ok_or_else(ApiError::job_not_found)
 }
 
 /// Reads a job, holding the request up to `wait_secs` (at most 60) until it is finished.

@@ -15,22 +15,28 @@
 //! complete or fail whose lease is no longer held changes nothing and returns
 //! [`StoreError::LeaseLost`], so a job has at most one recorded outcome.
 //!
-//! This module never calls the network on its own account and knows nothing of HTTP.
+//! Two backends: [`embedded`] (sled in a local directory, one process) and [`postgres`] (one
+//! database that replicas share), chosen by [`StoreOptions::backend`].
+//!
+//! This module knows nothing of HTTP.
 //! In-process signalling (wake-ups, long-polls, token streams) lives in [`crate::signals`];
 //! a store only calls the [`JobNotifier`] it was opened with.
 
 #[cfg(test)]
 mod contract;
 pub mod embedded;
+pub mod postgres;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob, QueueCounts};
+use crate::secret::Secret;
 pub use crate::signals::JobNotifier;
 
 /// Any backend's own error, kept as the source of a [`StoreError`] for the log.
@@ -80,6 +86,21 @@ pub struct StoreOptions {
 pub enum Backend {
     /// The embedded database in a local directory, owned by one process.
     Embedded(EmbeddedOptions),
+    /// A PostgreSQL database that every replica pointed at it shares.
+    Postgres(PostgresOptions),
+}
+
+/// The shared store's settings.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// `postgres://…`; may hold a password, so it never prints.
+    pub url: Secret,
+    /// How long a claim holds without a heartbeat; a dead replica's jobs come back after it.
+    pub lease: Duration,
+    /// This replica's name on its claims (for the operator reading the table).
+    pub replica: String,
+    /// Connections this replica keeps to the database.
+    pub pool_size: usize,
 }
 
 /// The embedded store's own settings.
@@ -114,11 +135,30 @@ impl StoreOptions {
         }
     }
 
+    /// The documented defaults, on the PostgreSQL database `pg` names.
+    pub fn postgres(pg: PostgresOptions) -> Self {
+        Self {
+            backend: Backend::Postgres(pg),
+            ..Self::embedded(crate::defaults::DATA_DIR)
+        }
+    }
+
     /// Where the data lives, for the start-up log (never a secret).
     pub fn describe(&self) -> String {
         match &self.backend {
             Backend::Embedded(e) => format!("embedded store in {}", e.path.display()),
+            Backend::Postgres(pg) => format!(
+                "PostgreSQL store (replica {}, lease {} s)",
+                pg.replica,
+                pg.lease.as_secs()
+            ),
         }
+    }
+
+    /// Whether other processes share this store (so finishes and new work can come from
+    /// elsewhere, and waiting must not rely on this process's signals alone).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
     }
 }
 
@@ -138,6 +178,12 @@ pub async fn open(
             .await
             .map_err(|e| StoreError::Backend(Box::new(e)))??;
             Ok(Arc::new(store))
+        }
+        Backend::Postgres(pg) => {
+            let pg = pg.clone();
+            Ok(Arc::new(
+                postgres::PgStore::open(options, &pg, clock, notifier).await?,
+            ))
         }
     }
 }
@@ -199,6 +245,8 @@ pub enum Unavailable {
     },
     #[error("the store hit a disk error ({cause}) and is reopening")]
     Recovering { cause: Arc<str> },
+    #[error("the database is unreachable: {cause}")]
+    Unreachable { cause: String },
     #[error("the store is closed")]
     Closed,
 }
@@ -307,7 +355,7 @@ impl<T: JobStore + InteractionLog + Maintenance + StoreHealth> Store for T {}
 /// What [`StoreHealth::status`] reports.
 #[derive(Debug, Clone)]
 pub struct StoreStatus {
-    /// The backend's name, for the stats page: `embedded`.
+    /// The backend's name, for the stats page: `embedded` or `postgres`.
     pub backend: &'static str,
     pub durability: Durability,
     /// Interaction entries that could not be written (their jobs finished all the same).

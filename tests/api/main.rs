@@ -12,6 +12,7 @@ mod crash;
 mod disk;
 mod jobs;
 mod limits;
+mod postgres;
 mod python;
 mod python_sdk;
 mod soak;

@@ -35,7 +35,9 @@ fn options(dir: &std::path::Path) -> (StoreOptions, EmbeddedOptions) {
     let mut options = StoreOptions::embedded(dir);
     options.keep_completed = 3;
     options.keep_failed = 2;
-    let StoreBackend::Embedded(embedded) = options.backend.clone();
+    let StoreBackend::Embedded(embedded) = options.backend.clone() else {
+        unreachable!("built as embedded")
+    };
     (options, embedded)
 }
 
@@ -72,7 +74,7 @@ impl Backend for Embedded {
     }
 }
 
-contract::store_contract!(Embedded::new());
+contract::store_contract!(Some(Embedded::new()));
 
 fn open_at(dir: &std::path::Path, clock: SharedClock) -> SledQueue {
     let (options, embedded) = options(dir);

@@ -1,0 +1,924 @@
+//! The shared backend: the whole store in PostgreSQL, so that every replica pointed at one
+//! database shares one queue, one log and one pause state.
+//!
+//! Each operation is one short transaction, never open across an upstream call:
+//!
+//! - **push**: one `INSERT … ON CONFLICT DO NOTHING`; when an idempotency key matched, the
+//!   existing job is read in a second statement (in the same statement the snapshot can
+//!   predate a concurrent inserter's commit and see nothing).
+//! - **claim**: the next due job by (priority, due time, sequence), locked with
+//!   `FOR UPDATE SKIP LOCKED` in a CTE and leased to this replica with a fresh fencing token
+//!   from `chatq_seq`. A claim whose lease runs out (the replica died) is put back by any
+//!   replica's maintenance (`prune`): no leader.
+//! - **complete / fail**: the job's row is updated only where it is still `active` under the
+//!   caller's token; the interaction entry goes in the same transaction (`UNIQUE (job_id)`:
+//!   logged exactly once).
+//!
+//! With `--durability strict` a commit returns once its WAL is on disk (`synchronous_commit`
+//! on, PostgreSQL's default); `relaxed` turns it off for this store's connections.
+//!
+//! Times come from the database's clock, unless the store was opened on a test clock (see
+//! `schema.rs`). Statements are prepared once per connection (deadpool's statement cache).
+
+mod schema;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+pub use schema::{NewerSchema, VERSION as SCHEMA_VERSION};
+
+use crate::clock::{Millis, SharedClock};
+use crate::domain::interaction::MAX_PAGE;
+use crate::domain::{
+    Action, ChatRequest, Cursor, Interaction, Job, JobError, JobResult, JobState, LogPage,
+    LogQuery, NewJob, QueueCounts, Usage,
+};
+use crate::signals::JobNotifier;
+use crate::store::{
+    Claimed, Durability, FailOutcome, InteractionLog, JobStore, Lease, Maintenance,
+    PostgresOptions, Pushed, StoreError, StoreHealth, StoreOptions, StoreStatus, Unavailable,
+};
+
+/// Taken (per transaction) by the replica that applies retention, so one prunes at a time.
+const RETENTION_LOCK: i64 = 0x6368_6174_7100_0002;
+/// A maintenance pass puts back at most this many abandoned claims.
+const RESCUE_BATCH: i64 = 1_000;
+/// Retention runs at most this often, however often maintenance is called.
+const RETENTION_EVERY_MS: u64 = 1_000;
+
+const JOB_COLUMNS: &str = "id, user_id, guild_id, conversation_id, request, priority, attempts, \
+    max_attempts, state, created_at, run_at, started_at, finished_at, result, error, \
+    idempotency_key, request_id, lease_token";
+
+const LOG_COLUMNS: &str = "ts_ms, seq, job_id, request_id, user_id, guild_id, action, \
+    personality, prompt, reply, error, error_code, used_fallback, model, upstream_latency_ms, \
+    usage, attempts";
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // Connection trouble (SQLSTATE class 08), a server shutting down or out of resources
+        // (57P0x, 53xxx), a connection that broke or never came: the database is unreachable,
+        // for now. Anything else (a bad statement, a value that does not convert) is a fault.
+        let unreachable = match e.as_db_error() {
+            Some(db) => {
+                let code = db.code().code();
+                code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+            }
+            None => {
+                e.is_closed()
+                    || std::error::Error::source(&e)
+                        .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some())
+                    || e.to_string().starts_with("timeout")
+            }
+        };
+        if unreachable {
+            Self::Unavailable(Unavailable::Unreachable {
+                cause: crate::store::error_chain(&e),
+            })
+        } else {
+            Self::Backend(Box::new(e))
+        }
+    }
+}
+
+impl From<PoolError> for StoreError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Backend(e) => e.into(),
+            e => Self::Unavailable(Unavailable::Unreachable {
+                cause: e.to_string(),
+            }),
+        }
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn ms(value: i64) -> Millis {
+    value.max(0) as Millis
+}
+
+fn job_from(row: &Row) -> Result<Job, StoreError> {
+    let state: String = row.try_get("state")?;
+    let state = JobState::parse(&state).ok_or_else(|| corrupt("job state", &state))?;
+    let Json(request): Json<ChatRequest> = row.try_get("request")?;
+    let result: Option<Json<JobResult>> = row.try_get("result")?;
+    let error: Option<Json<JobError>> = row.try_get("error")?;
+    let priority: i64 = row.try_get("priority")?;
+    let attempts: i32 = row.try_get("attempts")?;
+    let max_attempts: i32 = row.try_get("max_attempts")?;
+    let opt_ms = |name: &str| -> Result<Option<Millis>, StoreError> {
+        Ok(row.try_get::<_, Option<i64>>(name)?.map(ms))
+    };
+    Ok(Job {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        guild_id: row.try_get("guild_id")?,
+        conversation_id: row.try_get("conversation_id")?,
+        request,
+        priority: u32::try_from(priority).map_err(|e| corrupt("priority", e))?,
+        attempts: u32::try_from(attempts).map_err(|e| corrupt("attempts", e))?,
+        max_attempts: u32::try_from(max_attempts).map_err(|e| corrupt("max_attempts", e))?,
+        state,
+        created_at: ms(row.try_get("created_at")?),
+        started_at: opt_ms("started_at")?,
+        finished_at: opt_ms("finished_at")?,
+        run_at: ms(row.try_get("run_at")?),
+        result: result.map(|Json(r)| r),
+        error: error.map(|Json(e)| e),
+        idempotency_key: row.try_get("idempotency_key")?,
+        request_id: row.try_get("request_id")?,
+    })
+}
+
+fn cursor_for(ts_ms: i64, seq: i64) -> Cursor {
+    Cursor::from_client(format!("{ts_ms}.{seq}"))
+}
+
+fn parse_cursor(cursor: &Cursor) -> Option<(i64, i64)> {
+    let (ts, seq) = cursor.as_str().split_once('.')?;
+    Some((ts.parse().ok()?, seq.parse().ok()?))
+}
+
+fn interaction_from(row: &Row) -> Result<Interaction, StoreError> {
+    let action: String = row.try_get("action")?;
+    let action = match action.as_str() {
+        "chat_bot_interaction" => Action::ChatBotInteraction,
+        "chat_bot_error" => Action::ChatBotError,
+        other => return Err(corrupt("interaction action", other)),
+    };
+    let ts_ms: i64 = row.try_get("ts_ms")?;
+    let seq: i64 = row.try_get("seq")?;
+    let usage: Option<Json<Usage>> = row.try_get("usage")?;
+    let attempts: i32 = row.try_get("attempts")?;
+    Ok(Interaction {
+        id: cursor_for(ts_ms, seq).as_str().to_owned(),
+        job_id: row.try_get("job_id")?,
+        request_id: row.try_get("request_id")?,
+        user_id: row.try_get("user_id")?,
+        guild_id: row.try_get("guild_id")?,
+        action,
+        personality: row.try_get("personality")?,
+        prompt: row.try_get("prompt")?,
+        reply: row.try_get("reply")?,
+        error: row.try_get("error")?,
+        error_code: row.try_get("error_code")?,
+        used_fallback: row.try_get("used_fallback")?,
+        model: row.try_get("model")?,
+        upstream_latency_ms: row
+            .try_get::<_, Option<i64>>("upstream_latency_ms")?
+            .map(ms),
+        usage: usage.map(|Json(u)| u),
+        attempts: u32::try_from(attempts).map_err(|e| corrupt("attempts", e))?,
+        timestamp: ms(ts_ms),
+    })
+}
+
+fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::ChatBotInteraction => "chat_bot_interaction",
+        Action::ChatBotError => "chat_bot_error",
+    }
+}
+
+/// The store on PostgreSQL.
+pub struct PgStore {
+    pool: Pool,
+    options: StoreOptions,
+    lease_ms: i64,
+    replica: String,
+    clock: SharedClock,
+    notifier: Arc<dyn JobNotifier>,
+    commits: AtomicU64,
+    /// When retention last ran here (ms on the store's clock).
+    last_retention: AtomicU64,
+}
+
+impl PgStore {
+    /// Connects, applies the schema's migrations and opens the store.
+    pub async fn open(
+        options: StoreOptions,
+        pg: &PostgresOptions,
+        clock: SharedClock,
+        notifier: Arc<dyn JobNotifier>,
+    ) -> Result<Self, StoreError> {
+        let pool = pool(pg, options.durability)?;
+        let mut client = pool.get().await.map_err(|e| StoreError::Open {
+            what: "could not connect to the database (--database-url)".to_owned(),
+            source: Box::new(e),
+        })?;
+        schema::migrate(&mut client).await?;
+        drop(client);
+        Ok(Self {
+            pool,
+            options,
+            lease_ms: pg.lease.as_millis() as i64,
+            replica: pg.replica.clone(),
+            clock,
+            notifier,
+            commits: AtomicU64::new(0),
+            last_retention: AtomicU64::new(0),
+        })
+    }
+
+    /// The time to pass as `$1` of a statement: `None` (the database's clock) unless the store
+    /// runs on a test clock.
+    fn now(&self) -> Option<i64> {
+        (!self.clock.is_wall_clock()).then(|| self.clock.now_ms() as i64)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    fn committed(&self) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn query_jobs(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Job>, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await?;
+        let rows = client.query(&statement, params).await?;
+        rows.iter().map(job_from).collect()
+    }
+
+    /// Why a transition on `id` found no row to change: the job is gone, or in `state`.
+    async fn state_of(&self, id: Uuid) -> Result<Option<JobState>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT state FROM chatq_jobs WHERE id = $1", &[&id])
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let state: String = row.try_get(0)?;
+                Ok(Some(
+                    JobState::parse(&state).ok_or_else(|| corrupt("job state", &state))?,
+                ))
+            }
+        }
+    }
+
+    async fn conflict(&self, id: Uuid, action: &'static str, allowed: &'static str) -> StoreError {
+        match self.state_of(id).await {
+            Ok(None) => StoreError::NotFound(id),
+            Ok(Some(state)) => StoreError::Conflict {
+                id,
+                state: state.as_str(),
+                action,
+                allowed,
+            },
+            Err(e) => e,
+        }
+    }
+
+    /// Finishes the leased job with `update` (which sets its final or retry state) and logs
+    /// it when it ended, in one transaction.
+    async fn finish(
+        &self,
+        lease: &Lease,
+        update: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Job, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let statement = tx.prepare_cached(update).await?;
+        let row = tx.query_opt(&statement, params).await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Err(match self.state_of(lease.job_id).await? {
+                None => StoreError::NotFound(lease.job_id),
+                Some(_) => StoreError::LeaseLost(lease.job_id),
+            });
+        };
+        let job = job_from(&row)?;
+        if job.state.is_terminal() {
+            insert_interaction(&tx, &Interaction::for_finished(&job)).await?;
+        }
+        tx.commit().await?;
+        self.committed();
+        Ok(job)
+    }
+
+    /// Puts back claims whose lease ran out; returns how many.
+    async fn rescue(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "WITH now AS (SELECT {now} AS ms),
+             stale AS (SELECT id FROM chatq_jobs
+                 WHERE state = 'active' AND lease_expires_at < (SELECT ms FROM now)
+                 ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+             UPDATE chatq_jobs j SET state = 'queued', rescues = j.rescues + 1,
+                 lease_owner = NULL, lease_expires_at = NULL
+             FROM stale WHERE j.id = stale.id",
+            now = schema::NOW
+        );
+        let statement = client.prepare_cached(&sql).await?;
+        let rescued = client
+            .execute(&statement, &[&self.now(), &RESCUE_BATCH])
+            .await?;
+        if rescued > 0 {
+            self.committed();
+            tracing::warn!(
+                jobs = rescued,
+                "put back jobs whose claim ran out (a replica died or stalled)"
+            );
+            self.notifier.work_available_for_all();
+        }
+        Ok(rescued)
+    }
+
+    /// Retention of finished jobs and the log, by one replica at a time.
+    async fn retention(&self) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let locked: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RETENTION_LOCK])
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(0);
+        }
+        let mut removed = 0;
+        for (state, keep) in [
+            ("completed", self.options.keep_completed),
+            ("failed", self.options.keep_failed),
+            ("cancelled", self.options.keep_failed),
+        ] {
+            let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+            removed += if keep == 0 {
+                tx.execute("DELETE FROM chatq_jobs WHERE state = $1", &[&state])
+                    .await?
+            } else {
+                // From the `chatq_jobs_done` index: the newest `keep` stay.
+                tx.execute(
+                    "DELETE FROM chatq_jobs WHERE state = $1 AND (finished_at, seq) <
+                     (SELECT finished_at, seq FROM chatq_jobs WHERE state = $1
+                      ORDER BY finished_at DESC, seq DESC OFFSET $2::bigint - 1 LIMIT 1)",
+                    &[&state, &keep],
+                )
+                .await?
+            };
+        }
+        let retention = self.options.log_retention;
+        if let Some(age) = retention.max_age_ms {
+            let cutoff = self.clock.now_ms().saturating_sub(age) as i64;
+            removed += tx
+                .execute(
+                    "DELETE FROM chatq_interactions WHERE ts_ms < $1",
+                    &[&cutoff],
+                )
+                .await?;
+        }
+        if let Some(max) = retention.max_entries {
+            let max = i64::try_from(max).unwrap_or(i64::MAX).max(1);
+            removed += tx
+                .execute(
+                    "DELETE FROM chatq_interactions WHERE (ts_ms, seq) <
+                     (SELECT ts_ms, seq FROM chatq_interactions
+                      ORDER BY ts_ms DESC, seq DESC OFFSET $1::bigint - 1 LIMIT 1)",
+                    &[&max],
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        self.committed();
+        Ok(removed)
+    }
+}
+
+/// Checks that `url` is a connection string this store can use; the reason never repeats
+/// the URL, which may hold a password.
+pub fn check_url(url: &str) -> Result<(), String> {
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| format!("not a PostgreSQL connection string ({e})"))
+}
+
+/// Brings the database `url` names to the current schema (`chatq migrate`); returns the
+/// versions before and after.
+pub async fn migrate(url: &crate::secret::Secret) -> Result<(i32, i32), StoreError> {
+    let pg = PostgresOptions {
+        url: url.clone(),
+        lease: Duration::from_secs(crate::defaults::LEASE_SECS),
+        replica: "migrate".to_owned(),
+        pool_size: 2,
+    };
+    let pool = pool(&pg, Durability::Strict)?;
+    let mut client = pool.get().await.map_err(|e| StoreError::Open {
+        what: "could not connect to the database (--database-url)".to_owned(),
+        source: Box::new(e),
+    })?;
+    let before = schema::migrate(&mut client).await?;
+    Ok((before, schema::VERSION))
+}
+
+fn pool(pg: &PostgresOptions, durability: Durability) -> Result<Pool, StoreError> {
+    let mut config: tokio_postgres::Config =
+        pg.url.expose().parse().map_err(|e| StoreError::Open {
+            what: "the database URL is not a PostgreSQL connection string (--database-url)"
+                .to_owned(),
+            source: Box::new(e),
+        })?;
+    config.application_name("chatq");
+    if durability == Durability::Relaxed {
+        // A commit returns before its WAL is flushed: the last moments of acknowledged work
+        // can be lost if the database server crashes.
+        config.options("-c synchronous_commit=off");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(pg.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|e| StoreError::Open {
+            what: "could not set up the database connection pool".to_owned(),
+            source: Box::new(e),
+        })
+}
+
+async fn insert_interaction(
+    tx: &deadpool_postgres::Transaction<'_>,
+    e: &Interaction,
+) -> Result<(), StoreError> {
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO chatq_interactions (ts_ms, job_id, request_id, user_id, guild_id, action,
+                 personality, prompt, reply, error, error_code, used_fallback, model,
+                 upstream_latency_ms, usage, attempts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+             ON CONFLICT (job_id) DO NOTHING",
+        )
+        .await?;
+    let latency = e.upstream_latency_ms.map(|l| l as i64);
+    let usage = e.usage.map(Json);
+    tx.execute(
+        &statement,
+        &[
+            &(e.timestamp as i64),
+            &e.job_id,
+            &e.request_id,
+            &e.user_id,
+            &e.guild_id,
+            &action_name(e.action),
+            &e.personality,
+            &e.prompt,
+            &e.reply,
+            &e.error,
+            &e.error_code,
+            &e.used_fallback,
+            &e.model,
+            &latency,
+            &usage,
+            &(e.attempts as i32),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl JobStore for PgStore {
+    async fn push(&self, new: NewJob) -> Result<Pushed, StoreError> {
+        let id = new.id.unwrap_or_else(Uuid::new_v4);
+        let sql = format!(
+            "INSERT INTO chatq_jobs (id, seq, user_id, guild_id, conversation_id, request,
+                 priority, max_attempts, state, created_at, run_at, idempotency_key, request_id)
+             SELECT $2, nextval('chatq_seq'), $3, $4, $5, $6, $7, $8,
+                 CASE WHEN $9::bigint > 0 THEN 'delayed' ELSE 'queued' END,
+                 now.ms, now.ms + $9, $10, $11
+             FROM (SELECT {now} AS ms) now
+             ON CONFLICT DO NOTHING
+             RETURNING {JOB_COLUMNS}",
+            now = schema::NOW
+        );
+        let delay = i64::try_from(new.delay_ms).unwrap_or(i64::MAX);
+        let max_attempts = new.max_attempts.max(1) as i32;
+        let request = Json(&new.request);
+        let inserted = self
+            .query_jobs(
+                &sql,
+                &[
+                    &self.now(),
+                    &id,
+                    &new.user_id,
+                    &new.guild_id,
+                    &new.conversation_id,
+                    &request,
+                    &i64::from(new.priority),
+                    &max_attempts,
+                    &delay,
+                    &new.idempotency_key,
+                    &new.request_id,
+                ],
+            )
+            .await?;
+        if let Some(job) = inserted.into_iter().next() {
+            self.committed();
+            self.notifier.work_available();
+            return Ok(Pushed { job, created: true });
+        }
+        if let Some(key) = &new.idempotency_key {
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE user_id = $1 AND idempotency_key = $2"
+            );
+            if let Some(job) = self
+                .query_jobs(&sql, &[&new.user_id, key])
+                .await?
+                .into_iter()
+                .next()
+            {
+                return Ok(Pushed {
+                    job,
+                    created: false,
+                });
+            }
+        }
+        // Not the key, so the id: a pre-assigned id that is already taken.
+        Err(StoreError::Conflict {
+            id,
+            state: "taken",
+            action: "push",
+            allowed: "a fresh id",
+        })
+    }
+
+    async fn claim(&self) -> Result<Option<Claimed>, StoreError> {
+        let sql = format!(
+            "WITH now AS (SELECT {now} AS ms),
+             next AS (SELECT id FROM chatq_jobs
+                 WHERE state IN ('queued', 'delayed') AND run_at <= (SELECT ms FROM now)
+                   AND NOT (SELECT paused FROM chatq_meta)
+                 ORDER BY priority, run_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+             UPDATE chatq_jobs j SET state = 'active', started_at = (SELECT ms FROM now),
+                 lease_token = nextval('chatq_seq'), lease_owner = $2,
+                 lease_expires_at = (SELECT ms FROM now) + $3
+             FROM next WHERE j.id = next.id
+             RETURNING {columns}",
+            now = schema::NOW,
+            columns = JOB_COLUMNS
+                .split(", ")
+                .map(|c| format!("j.{}", c.trim()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&sql).await?;
+        let row = client
+            .query_opt(&statement, &[&self.now(), &self.replica, &self.lease_ms])
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        self.committed();
+        let token: i64 = row.try_get("lease_token")?;
+        let job = job_from(&row)?;
+        let lease = Lease {
+            job_id: job.id,
+            token: token as u64,
+        };
+        Ok(Some(Claimed { job, lease }))
+    }
+
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<Lease>, StoreError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id).collect();
+        let tokens: Vec<i64> = leases.iter().map(|l| l.token as i64).collect();
+        let sql = format!(
+            "UPDATE chatq_jobs j SET lease_expires_at = {now} + $4
+             FROM unnest($2::uuid[], $3::bigint[]) AS h(id, token)
+             WHERE j.id = h.id AND j.lease_token = h.token AND j.state = 'active'
+             RETURNING j.id, j.lease_token",
+            now = schema::NOW
+        );
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&sql).await?;
+        let rows = client
+            .query(&statement, &[&self.now(), &ids, &tokens, &self.lease_ms])
+            .await?;
+        let mut held = std::collections::HashSet::with_capacity(rows.len());
+        for row in &rows {
+            let id: Uuid = row.try_get(0)?;
+            let token: i64 = row.try_get(1)?;
+            held.insert((id, token as u64));
+        }
+        Ok(leases
+            .iter()
+            .filter(|l| held.contains(&(l.job_id, l.token)))
+            .copied()
+            .collect())
+    }
+
+    async fn complete(&self, lease: &Lease, result: JobResult) -> Result<Job, StoreError> {
+        let sql = format!(
+            "UPDATE chatq_jobs SET state = 'completed', attempts = attempts + 1,
+                 finished_at = {now}, result = $4, error = NULL, lease_expires_at = NULL
+             WHERE id = $2 AND state = 'active' AND lease_token = $3
+             RETURNING {JOB_COLUMNS}",
+            now = schema::NOW
+        );
+        let result = Json(&result);
+        let job = self
+            .finish(
+                lease,
+                &sql,
+                &[&self.now(), &lease.job_id, &(lease.token as i64), &result],
+            )
+            .await?;
+        self.notifier.job_finished(&job);
+        Ok(job)
+    }
+
+    async fn fail(
+        &self,
+        lease: &Lease,
+        error: JobError,
+        retry_in: Option<u64>,
+    ) -> Result<(Job, FailOutcome), StoreError> {
+        let sql = format!(
+            "UPDATE chatq_jobs SET attempts = attempts + 1, error = $4, lease_expires_at = NULL,
+                 state = CASE WHEN $5::bigint IS NOT NULL AND attempts + 1 < max_attempts
+                     THEN 'delayed' ELSE 'failed' END,
+                 run_at = CASE WHEN $5::bigint IS NOT NULL AND attempts + 1 < max_attempts
+                     THEN {now} + $5 ELSE run_at END,
+                 finished_at = CASE WHEN $5::bigint IS NOT NULL AND attempts + 1 < max_attempts
+                     THEN NULL ELSE {now} END
+             WHERE id = $2 AND state = 'active' AND lease_token = $3
+             RETURNING {JOB_COLUMNS}",
+            now = schema::NOW
+        );
+        let retry_in = retry_in.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX));
+        let error = Json(&error);
+        let job = self
+            .finish(
+                lease,
+                &sql,
+                &[
+                    &self.now(),
+                    &lease.job_id,
+                    &(lease.token as i64),
+                    &error,
+                    &retry_in,
+                ],
+            )
+            .await?;
+        if job.state == JobState::Delayed {
+            // A sleeping worker may be waiting for a later due time.
+            self.notifier.work_available();
+            let at = job.run_at;
+            return Ok((job, FailOutcome::Retrying { at }));
+        }
+        self.notifier.job_finished(&job);
+        Ok((job, FailOutcome::Failed))
+    }
+
+    async fn cancel(&self, id: Uuid) -> Result<Job, StoreError> {
+        let sql = format!(
+            "UPDATE chatq_jobs SET state = 'cancelled', finished_at = {now}
+             WHERE id = $2 AND state IN ('queued', 'delayed')
+             RETURNING {JOB_COLUMNS}",
+            now = schema::NOW
+        );
+        let Some(job) = self
+            .query_jobs(&sql, &[&self.now(), &id])
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Err(self.conflict(id, "cancel", "queued or delayed").await);
+        };
+        self.committed();
+        self.notifier.job_finished(&job);
+        Ok(job)
+    }
+
+    async fn retry(&self, id: Uuid) -> Result<Job, StoreError> {
+        let sql = format!(
+            "UPDATE chatq_jobs SET state = 'queued', attempts = 0, error = NULL,
+                 started_at = NULL, finished_at = NULL, run_at = {now},
+                 seq = nextval('chatq_seq')
+             WHERE id = $2 AND state = 'failed'
+             RETURNING {JOB_COLUMNS}",
+            now = schema::NOW
+        );
+        let Some(job) = self
+            .query_jobs(&sql, &[&self.now(), &id])
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Err(self.conflict(id, "retry", "failed").await);
+        };
+        self.committed();
+        self.notifier.work_available();
+        Ok(job)
+    }
+
+    async fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE chatq_meta SET paused = $1", &[&paused])
+            .await?;
+        self.committed();
+        if !paused {
+            self.notifier.work_available_for_all();
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE id = $1");
+        Ok(self.query_jobs(&sql, &[&id]).await?.into_iter().next())
+    }
+
+    async fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let order = match state {
+            JobState::Queued => "priority, run_at, seq",
+            JobState::Delayed => "run_at, seq",
+            JobState::Active => "started_at, seq",
+            JobState::Completed | JobState::Failed | JobState::Cancelled => {
+                "finished_at DESC, seq DESC"
+            }
+        };
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE state = $1 ORDER BY {order} LIMIT $2"
+        );
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.query_jobs(&sql, &[&state.as_str(), &limit]).await
+    }
+
+    async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT state, count(*) FROM chatq_jobs GROUP BY state
+                 UNION ALL SELECT 'paused', paused::int::bigint FROM chatq_meta",
+                &[],
+            )
+            .await?;
+        let mut counts = QueueCounts::default();
+        for row in rows {
+            let state: String = row.try_get(0)?;
+            let n: i64 = row.try_get(1)?;
+            let n = n.max(0) as u64;
+            match state.as_str() {
+                "queued" => counts.queued = n,
+                "delayed" => counts.delayed = n,
+                "active" => counts.active = n,
+                "completed" => counts.completed = n,
+                "failed" => counts.failed = n,
+                "cancelled" => counts.cancelled = n,
+                "paused" => counts.paused = n > 0,
+                other => return Err(corrupt("job state", other)),
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT min(run_at) FROM chatq_jobs WHERE state = 'delayed'",
+                &[],
+            )
+            .await?;
+        Ok(row.try_get::<_, Option<i64>>(0)?.map(ms))
+    }
+}
+
+#[async_trait]
+impl InteractionLog for PgStore {
+    async fn query(&self, q: &LogQuery) -> Result<LogPage, StoreError> {
+        let limit = q.limit.clamp(1, MAX_PAGE);
+        let cursor = match &q.cursor {
+            Some(cursor) => Some(parse_cursor(cursor).ok_or(StoreError::InvalidCursor)?),
+            None => None,
+        };
+        // One SQL text per combination of filters (a catch-all `$1 IS NULL OR …` can get a
+        // bad generic plan), each an index range scan newest first.
+        let since = q.since.map(|t| t as i64);
+        let until = q.until.map(|t| t as i64);
+        let (cursor_ts, cursor_seq) = cursor.unzip();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let mut conditions = Vec::new();
+        for (column, value) in [("user_id", &q.user_id), ("guild_id", &q.guild_id)] {
+            if let Some(value) = value {
+                params.push(value);
+                conditions.push(format!("{column} = ${}", params.len()));
+            }
+        }
+        if let Some(since) = &since {
+            params.push(since);
+            conditions.push(format!("ts_ms >= ${}", params.len()));
+        }
+        if let Some(until) = &until {
+            params.push(until);
+            conditions.push(format!("ts_ms < ${}", params.len()));
+        }
+        if let (Some(ts), Some(seq)) = (&cursor_ts, &cursor_seq) {
+            params.push(ts);
+            params.push(seq);
+            conditions.push(format!(
+                "(ts_ms, seq) < (${}, ${})",
+                params.len() - 1,
+                params.len()
+            ));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {LOG_COLUMNS} FROM chatq_interactions {filter}
+             ORDER BY ts_ms DESC, seq DESC LIMIT {}",
+            limit + 1
+        );
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&sql).await?;
+        let rows = client.query(&statement, &params).await?;
+        let mut entries = rows
+            .iter()
+            .map(interaction_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if entries.len() > limit {
+            entries.truncate(limit);
+            entries.last().map(|e| Cursor::from_client(e.id.clone()))
+        } else {
+            None
+        };
+        Ok(LogPage {
+            entries,
+            next_cursor,
+        })
+    }
+}
+
+#[async_trait]
+impl Maintenance for PgStore {
+    async fn prune(&self) -> Result<u64, StoreError> {
+        self.rescue().await?;
+        let now = self.clock.now_ms();
+        let last = self.last_retention.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < RETENTION_EVERY_MS && self.clock.is_wall_clock()
+        {
+            return Ok(0);
+        }
+        self.last_retention.store(now.max(1), Ordering::Relaxed);
+        self.retention().await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        // Every acknowledged write was a commit; nothing is buffered here.
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StoreHealth for PgStore {
+    async fn accepting(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.execute("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    async fn status(&self) -> Result<StoreStatus, StoreError> {
+        Ok(StoreStatus {
+            backend: "postgres",
+            durability: self.options.durability,
+            log_failures: 0,
+            commits: self.commits.load(Ordering::Relaxed),
+            disk: None,
+        })
+    }
+}

@@ -1,0 +1,226 @@
+//! The PostgreSQL store: the contract suite, each test on a database of its own, then the
+//! schema's versioning. Needs a server: `CHATQ_TEST_DATABASE_URL` (such as
+//! `postgres://postgres@127.0.0.1:5432/postgres`, `.ci/run` sets it); unset, the tests pass
+//! at once and say once that they were skipped.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use super::{PgStore, schema};
+use crate::clock::SharedClock;
+use crate::secret::Secret;
+use crate::signals::{JobNotifier, Signals};
+use crate::store::contract::{self, Backend};
+use crate::store::{PostgresOptions, Store, StoreError, StoreOptions};
+
+const URL_VAR: &str = "CHATQ_TEST_DATABASE_URL";
+
+/// Says once per run that the PostgreSQL tests did not run.
+fn skipped() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Straight to stderr: the test harness captures `println!` of passing tests.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "PostgreSQL store tests skipped: {URL_VAR} is unset"
+        );
+    });
+}
+
+/// A database of its own on the test server, dropped at the end.
+pub struct TestDatabase {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// `None` (and a note) when no test server is configured.
+    pub async fn create() -> Option<Self> {
+        let Ok(admin_url) = std::env::var(URL_VAR) else {
+            skipped();
+            return None;
+        };
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "chatq_test_{}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            uuid::Uuid::new_v4().simple()
+        );
+        let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{URL_VAR} is set but the server is unreachable: {e}"));
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create the test database");
+        let mut url = reqwest::Url::parse(&admin_url).expect("a URL in CHATQ_TEST_DATABASE_URL");
+        url.set_path(&format!("/{name}"));
+        Some(Self {
+            admin_url,
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    pub fn options(&self) -> PostgresOptions {
+        PostgresOptions {
+            url: Secret::new(self.url.clone()),
+            lease: Duration::from_secs(30),
+            replica: "test".to_owned(),
+            pool_size: 16,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop needs a runtime of its own: the test's may be shutting down.
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let (client, connection) =
+                    tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+                        .await
+                        .ok()?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        });
+        let _ = dropped.join();
+    }
+}
+
+struct Postgres {
+    database: TestDatabase,
+}
+
+impl Backend for Postgres {
+    fn open(
+        &self,
+        clock: SharedClock,
+        notifier: Arc<dyn JobNotifier>,
+    ) -> BoxFuture<'_, Arc<dyn Store>> {
+        Box::pin(async move {
+            let mut options = StoreOptions::postgres(self.database.options());
+            options.keep_completed = 3;
+            options.keep_failed = 2;
+            let crate::store::Backend::Postgres(pg) = options.backend.clone() else {
+                unreachable!("built as postgres")
+            };
+            let store = PgStore::open(options, &pg, clock, notifier)
+                .await
+                .expect("open the PostgreSQL store");
+            Arc::new(store) as Arc<dyn Store>
+        })
+    }
+}
+
+async fn backend() -> Option<Postgres> {
+    Some(Postgres {
+        database: TestDatabase::create().await?,
+    })
+}
+
+contract::store_contract!(backend().await);
+
+#[tokio::test]
+async fn a_newer_schema_is_refused_naming_both_versions() {
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let (mut client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let pool_client = &mut client;
+    // First a current schema, then pretend a later release migrated it further.
+    let options = database.options();
+    let store = PgStore::open(
+        StoreOptions::postgres(options.clone()),
+        &options,
+        crate::clock::system(),
+        Arc::new(Signals::default()),
+    )
+    .await
+    .unwrap();
+    drop(store);
+    pool_client
+        .batch_execute("UPDATE chatq_meta SET schema_version = 99")
+        .await
+        .unwrap();
+    let refused = PgStore::open(
+        StoreOptions::postgres(options.clone()),
+        &options,
+        crate::clock::system(),
+        Arc::new(Signals::default()),
+    )
+    .await;
+    match refused {
+        Err(e @ StoreError::Open { .. }) => {
+            let message = e.to_string();
+            assert!(message.contains("version 99"), "{message}");
+            assert!(
+                message.contains(&format!("version {}", schema::VERSION)),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn migrating_twice_or_from_two_replicas_at_once_applies_each_step_once() {
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let options = database.options();
+    let opens: Vec<_> = (0..3)
+        .map(|_| {
+            let options = options.clone();
+            tokio::spawn(async move {
+                PgStore::open(
+                    StoreOptions::postgres(options.clone()),
+                    &options,
+                    crate::clock::system(),
+                    Arc::new(Signals::default()),
+                )
+                .await
+                .map(|_| ())
+            })
+        })
+        .collect();
+    for open in opens {
+        open.await.unwrap().expect("every replica opens");
+    }
+    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let version: i32 = client
+        .query_one("SELECT schema_version FROM chatq_meta", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, schema::VERSION);
+    let metas: i64 = client
+        .query_one("SELECT count(*) FROM chatq_meta", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(metas, 1);
+}

@@ -1,0 +1,138 @@
+//! The real binary on the PostgreSQL store: two replicas on one database share the queue,
+//! the jobs, the log and the pause state, and what one acknowledged survives a SIGKILL.
+//! Needs `CHATQ_TEST_DATABASE_URL` (`.ci/run` sets it); unset, the test says so and passes.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::binary::{get_json, start_chatq_with_env};
+use crate::helpers::wait_until_drained;
+
+/// A database of its own for this test, dropped at the end.
+struct Database {
+    admin: tokio_postgres::Client,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create() -> Option<Self> {
+        let Ok(admin_url) = std::env::var("CHATQ_TEST_DATABASE_URL") else {
+            // Straight to stderr: the test harness captures `println!` of passing tests.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "PostgreSQL end-to-end test skipped: CHATQ_TEST_DATABASE_URL is unset"
+            );
+            return None;
+        };
+        let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .expect("the test database server answers");
+        tokio::spawn(connection);
+        let name = format!("chatq_e2e_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let mut url = reqwest::Url::parse(&admin_url).unwrap();
+        url.set_path(&format!("/{name}"));
+        Some(Self {
+            admin,
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    async fn drop_it(self) {
+        let _ = self
+            .admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}
+
+async fn post(http: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let response = http.post(url).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_queue_log_and_pause_state_across_a_sigkill() {
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--database-url", db.url.as_str(), "--lease-secs", "3"];
+    let (mut a, base_a) = start_chatq_with_env(&dir.path().join("a"), &args, &[]);
+    let (mut b, base_b) = start_chatq_with_env(&dir.path().join("b"), &args, &[]);
+    let http = reqwest::Client::new();
+
+    // A job accepted by A is visible on B, and B's long-poll sees it finish wherever it ran.
+    let (status, accepted) = post(
+        &http,
+        &format!("{base_a}/v1/chat/jobs"),
+        &json!({"user_id": "ann", "guild_id": "g1", "prompt": "hello there"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    let job = get_json(&http, &format!("{base_b}/v1/chat/jobs/{id}?wait=10")).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["result"]["used_fallback"], true);
+
+    let stats = get_json(&http, &format!("{base_b}/v1/queue/stats")).await;
+    assert_eq!(stats["backend"], "postgres", "{stats}");
+    assert_eq!(stats["completed"], 1, "{stats}");
+    assert!(stats["disk"].is_null(), "{stats}");
+    let log = get_json(&http, &format!("{base_a}/v1/interactions?user_id=ann")).await;
+    assert_eq!(log["data"].as_array().unwrap().len(), 1, "{log}");
+    assert_eq!(log["data"][0]["job_id"], id.as_str());
+
+    // Pausing through one replica pauses them all.
+    let (status, _) = post(&http, &format!("{base_a}/v1/queue/pause"), &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, queued) = post(
+        &http,
+        &format!("{base_b}/v1/chat/jobs"),
+        &json!({"user_id": "ben", "prompt": "while paused"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{queued}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let stats = get_json(&http, &format!("{base_a}/v1/queue/stats")).await;
+    assert_eq!(
+        (stats["paused"].clone(), stats["queued"].clone()),
+        (json!(true), json!(1)),
+        "{stats}"
+    );
+
+    // With A killed, B runs the shared queue alone; a restarted A reads the same store.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let (status, _) = post(&http, &format!("{base_b}/v1/queue/resume"), &json!({})).await;
+    assert_eq!(status, 200);
+    wait_until_drained(&http, &base_b, 20).await;
+    let queued_id = queued["id"].as_str().unwrap();
+    let job = get_json(&http, &format!("{base_b}/v1/chat/jobs/{queued_id}")).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let (mut a, base_a) = start_chatq_with_env(&dir.path().join("a"), &args, &[]);
+    let job = get_json(&http, &format!("{base_a}/v1/chat/jobs/{id}")).await;
+    assert_eq!(
+        job["status"], "completed",
+        "the restarted replica reads the same store"
+    );
+    let log = get_json(&http, &format!("{base_a}/v1/interactions")).await;
+    assert_eq!(log["data"].as_array().unwrap().len(), 2, "{log}");
+
+    for child in [&mut a, &mut b] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    db.drop_it().await;
+}
