@@ -1,4 +1,6 @@
-//! The per-user rate limit (governor, keyed by user id, in process).
+//! The per-user rate limit (governor, keyed by user id, in process). A store that replicas
+//! share keeps the limit itself, so it holds across them ([`crate::store::RateLimits`]);
+//! [`Decision::from_take`] gives its verdict the same numbers.
 //!
 //! Quota: `limit` requests per `window`, with the full burst allowed (GCRA: one request's
 //! worth of capacity comes back every `window / limit`). Each answer of a limited route
@@ -43,6 +45,21 @@ pub struct Decision {
     pub reset_secs: u64,
     /// Seconds until the next request is allowed (only when refused).
     pub retry_after_secs: Option<u64>,
+}
+
+impl Decision {
+    /// The verdict of a limit a shared store keeps ([`crate::store::RateLimits`]), in the
+    /// same numbers as the in-process limiter's.
+    pub fn from_take(take: &crate::store::RateTake, limit: u32) -> Self {
+        let secs = |ms: u64| Duration::from_millis(ms);
+        Self {
+            allowed: take.allowed,
+            limit,
+            remaining: take.remaining,
+            reset_secs: ceil_secs(secs(take.reset_ms)),
+            retry_after_secs: (!take.allowed).then(|| ceil_secs(secs(take.retry_after_ms)).max(1)),
+        }
+    }
 }
 
 pub struct UserLimiter {

@@ -171,7 +171,7 @@ pub async fn chat_completions(
     ApiJson(body): ApiJson<CompletionBody>,
 ) -> Result<Response, ApiError> {
     let user = user_of(&state, &body, &headers)?;
-    let (decision, verdict) = jobs::limit(&state, &user);
+    let (decision, verdict) = jobs::limit(&state, &user).await?;
     let result = async {
         verdict?;
         let id = Uuid::new_v4();

@@ -121,9 +121,21 @@ pub fn with_rate_headers(mut response: Response, decision: &Decision) -> Respons
     response
 }
 
-/// Counts one request against `user`'s quota.
-pub fn limit(state: &AppState, user: &str) -> (Decision, Result<(), ApiError>) {
-    let decision = state.limiter.check(user);
+/// Counts one request against `user`'s quota: in the store when it keeps limits (shared by
+/// replicas), else in this process. The outer error is a store that cannot be asked.
+pub async fn limit(
+    state: &AppState,
+    user: &str,
+) -> Result<(Decision, Result<(), ApiError>), ApiError> {
+    let limit = state.config.rate_limit.get();
+    let decision = match state
+        .store
+        .take(user, limit, state.config.rate_window)
+        .await?
+    {
+        Some(take) => Decision::from_take(&take, limit),
+        None => state.limiter.check(user),
+    };
     let verdict = match decision.retry_after_secs {
         Some(retry_after) if !decision.allowed => {
             state.metrics.rate_limited.inc();
@@ -131,7 +143,7 @@ pub fn limit(state: &AppState, user: &str) -> (Decision, Result<(), ApiError>) {
         }
         _ => Ok(()),
     };
-    (decision, verdict)
+    Ok((decision, verdict))
 }
 
 /// A job as the API shows it.
@@ -255,7 +267,7 @@ pub async fn submit_job(
     headers: &HeaderMap,
 ) -> Result<(Decision, Result<Pushed, ApiError>), ApiError> {
     check_id(user_param, &body.user_id)?;
-    let (decision, verdict) = limit(state, &body.user_id);
+    let (decision, verdict) = limit(state, &body.user_id).await?;
     let pushed = async {
         verdict?;
         let new = submission::parse(state, body.into_request(request_id(headers))?)?;

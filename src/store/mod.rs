@@ -347,10 +347,36 @@ pub trait StoreHealth: Send + Sync {
     async fn status(&self) -> Result<StoreStatus, StoreError>;
 }
 
-/// Everything chatq needs of a backend.
-pub trait Store: JobStore + InteractionLog + Maintenance + StoreHealth {}
+/// Per-user rate limits kept by the store, for limits that must hold across every process
+/// that shares it.
+#[async_trait]
+pub trait RateLimits: Send + Sync {
+    /// Counts one request of `key` against `limit` per `window` (GCRA, full burst allowed).
+    /// `None` when this store keeps no limits: it has one process, whose own limiter is exact.
+    async fn take(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<Option<RateTake>, StoreError>;
+}
 
-impl<T: JobStore + InteractionLog + Maintenance + StoreHealth> Store for T {}
+/// What a [`RateLimits::take`] found, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateTake {
+    pub allowed: bool,
+    /// Requests left in the burst after this one (0 when refused).
+    pub remaining: u32,
+    /// Until the burst is whole again.
+    pub reset_ms: u64,
+    /// Until the next request is allowed (when refused).
+    pub retry_after_ms: u64,
+}
+
+/// Everything chatq needs of a backend.
+pub trait Store: JobStore + InteractionLog + Maintenance + StoreHealth + RateLimits {}
+
+impl<T: JobStore + InteractionLog + Maintenance + StoreHealth + RateLimits> Store for T {}
 
 /// What [`StoreHealth::status`] reports.
 #[derive(Debug, Clone)]

@@ -136,3 +136,53 @@ async fn two_replicas_share_one_queue_log_and_pause_state_across_a_sigkill() {
     }
     db.drop_it().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_limit_holds_exactly_across_three_replicas() {
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--database-url", db.url.as_str(), "--rate-limit", "10"];
+    let replicas: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|name| start_chatq_with_env(&dir.path().join(name), &args, &[]))
+        .collect();
+    let http = reqwest::Client::new();
+    let submits: Vec<_> = (0..30)
+        .map(|i| {
+            let url = format!("{}/v1/chat/jobs", replicas[i % 3].1);
+            let http = http.clone();
+            tokio::spawn(async move {
+                let response = http
+                    .post(url)
+                    .json(&json!({"user_id": "carol", "prompt": format!("question {i}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                let retry_after = response.headers().get("retry-after").is_some();
+                (response.status().as_u16(), retry_after)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for s in submits {
+        answers.push(s.await.unwrap());
+    }
+    let accepted = answers.iter().filter(|(s, _)| *s == 202).count();
+    let refused = answers.iter().filter(|(s, ra)| *s == 429 && *ra).count();
+    assert_eq!((accepted, refused), (10, 20), "{answers:?}");
+    // Another user is not affected, on any replica.
+    let (status, _) = post(
+        &http,
+        &format!("{}/v1/chat/jobs", replicas[2].1),
+        &json!({"user_id": "dave", "prompt": "hi"}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    for (mut child, _) in replicas {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    db.drop_it().await;
+}

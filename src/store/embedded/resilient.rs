@@ -38,7 +38,8 @@ use crate::domain::{Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJo
 use crate::signals::JobNotifier;
 use crate::store::{
     Claimed, DiskStatus, EmbeddedOptions, FailOutcome, InteractionLog, JobStore, Lease,
-    Maintenance, Pushed, StoreError, StoreHealth, StoreOptions, StoreStatus, Unavailable,
+    Maintenance, Pushed, RateLimits, RateTake, StoreError, StoreHealth, StoreOptions, StoreStatus,
+    Unavailable,
 };
 
 /// How often the monitor measures free space and, when broken, tries to reopen.
@@ -437,6 +438,19 @@ impl StoreHealth for ResilientQueue {
             commits,
             disk: Some(disk),
         })
+    }
+}
+
+#[async_trait]
+impl RateLimits for ResilientQueue {
+    async fn take(
+        &self,
+        _key: &str,
+        _limit: u32,
+        _window: Duration,
+    ) -> Result<Option<RateTake>, StoreError> {
+        // One process owns the directory: the app's in-process limiter is exact.
+        Ok(None)
     }
 }
 

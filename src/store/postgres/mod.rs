@@ -45,7 +45,8 @@ use crate::domain::{
 use crate::signals::JobNotifier;
 use crate::store::{
     Claimed, Durability, FailOutcome, InteractionLog, JobStore, Lease, Maintenance,
-    PostgresOptions, Pushed, StoreError, StoreHealth, StoreOptions, StoreStatus, Unavailable,
+    PostgresOptions, Pushed, RateLimits, RateTake, StoreError, StoreHealth, StoreOptions,
+    StoreStatus, Unavailable,
 };
 
 /// Taken (per transaction) by the replica that applies retention, so one prunes at a time.
@@ -375,6 +376,10 @@ impl PgStore {
                 .await?
             };
         }
+        // Limit keys whose bucket is whole again say nothing a missing key would not.
+        let now = self.clock.now_ms() as i64;
+        tx.execute("DELETE FROM chatq_rate WHERE tat < $1", &[&now])
+            .await?;
         let retention = self.options.log_retention;
         if let Some(age) = retention.max_age_ms {
             let cutoff = self.clock.now_ms().saturating_sub(age) as i64;
@@ -901,6 +906,67 @@ impl Maintenance for PgStore {
     async fn sync(&self) -> Result<(), StoreError> {
         // Every acknowledged write was a commit; nothing is buffered here.
         Ok(())
+    }
+}
+
+#[async_trait]
+impl RateLimits for PgStore {
+    /// GCRA in one statement, so every replica counts against the same row: with
+    /// T = window / limit and tau = window, a request at `now` is allowed when
+    /// max(tat, now) + T - tau <= now, and then moves tat to max(tat, now) + T (the arithmetic of
+    /// governor, the in-process limiter). A refused request changes nothing.
+    async fn take(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<Option<RateTake>, StoreError> {
+        let limit = limit.max(1);
+        let tau = (window.as_millis() as i64).max(1);
+        let t = (tau / i64::from(limit)).max(1);
+        let sql = format!(
+            "WITH cur AS (SELECT {now} AS now),
+             up AS (INSERT INTO chatq_rate AS r (key, tat)
+                    SELECT $2, cur.now + $3 FROM cur
+                    ON CONFLICT (key) DO UPDATE
+                      SET tat = greatest(r.tat, (SELECT now FROM cur)) + $3
+                      WHERE greatest(r.tat, (SELECT now FROM cur)) + $3 - $4
+                            <= (SELECT now FROM cur)
+                    RETURNING r.tat)
+             SELECT (SELECT tat FROM up), (SELECT now FROM cur),
+                    (SELECT tat FROM chatq_rate WHERE key = $2)",
+            now = schema::NOW
+        );
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&sql).await?;
+        let row = client
+            .query_one(&statement, &[&self.now(), &key, &t, &tau])
+            .await?;
+        let new_tat: Option<i64> = row.try_get(0)?;
+        let now: i64 = row.try_get(1)?;
+        // The statement's snapshot predates its own update: this is the tat before it.
+        let old_tat: Option<i64> = row.try_get(2)?;
+        let take = match new_tat {
+            Some(tat) => {
+                let remaining = ((now - (tat - tau)) / t).clamp(0, i64::from(limit));
+                RateTake {
+                    allowed: true,
+                    remaining: remaining as u32,
+                    reset_ms: (tat - now).max(0) as u64,
+                    retry_after_ms: 0,
+                }
+            }
+            None => {
+                let tat = old_tat.unwrap_or(now).max(now);
+                RateTake {
+                    allowed: false,
+                    remaining: 0,
+                    reset_ms: (tat - now).max(0) as u64,
+                    retry_after_ms: (tat + t - tau - now).max(1) as u64,
+                }
+            }
+        };
+        Ok(Some(take))
     }
 }
 

@@ -11,7 +11,7 @@ use deadpool_postgres::Client;
 use crate::store::StoreError;
 
 /// The schema version this release writes and reads.
-pub const VERSION: i32 = 1;
+pub const VERSION: i32 = 2;
 
 /// Taken for the whole migration, so that one replica migrates and the others wait.
 const MIGRATION_LOCK: i64 = 0x6368_6174_7100_0001;
@@ -21,7 +21,8 @@ const MIGRATION_LOCK: i64 = 0x6368_6174_7100_0001;
 pub const NOW: &str = "chatq_now_ms($1::bigint)";
 
 /// Each migration, in order; migration `n` brings the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; 1] = [r#"
+const MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE FUNCTION chatq_now_ms(given bigint) RETURNS bigint LANGUAGE sql VOLATILE AS
   $$ SELECT coalesce(given, (extract(epoch FROM clock_timestamp()) * 1000)::bigint) $$;
 
@@ -92,7 +93,16 @@ CREATE TABLE chatq_interactions (
 );
 CREATE INDEX chatq_interactions_user ON chatq_interactions (user_id, ts_ms DESC, seq DESC);
 CREATE INDEX chatq_interactions_guild ON chatq_interactions (guild_id, ts_ms DESC, seq DESC);
-"#];
+"#,
+    r#"
+-- Per-user limits shared by every replica: GCRA's theoretical arrival time per key (ms).
+-- Rows are rewritten on every request: leave room for HOT updates.
+CREATE TABLE chatq_rate (
+  key text PRIMARY KEY,
+  tat bigint NOT NULL
+) WITH (fillfactor = 50);
+"#,
+];
 
 /// Why a database cannot be used as it is.
 #[derive(Debug, thiserror::Error)]

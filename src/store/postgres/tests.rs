@@ -224,3 +224,71 @@ async fn migrating_twice_or_from_two_replicas_at_once_applies_each_step_once() {
         .get(0);
     assert_eq!(metas, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rate_limit_is_one_count_across_replicas() {
+    use crate::clock::ManualClock;
+    use crate::store::RateLimits;
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let clock = ManualClock::new(contract::T0);
+    let options = database.options();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let store = PgStore::open(
+            StoreOptions::postgres(options.clone()),
+            &options,
+            clock.clone(),
+            Arc::new(Signals::default()),
+        )
+        .await
+        .unwrap();
+        replicas.push(Arc::new(store));
+    }
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let window = Duration::from_secs(3);
+    // 3 per 3 s: one request's worth comes back every second.
+    let take = |store: &Arc<PgStore>, key: &'static str| {
+        let store = Arc::clone(store);
+        async move { store.take(key, 3, window).await.unwrap().unwrap() }
+    };
+    let first = take(a, "u").await;
+    assert!(first.allowed);
+    assert_eq!((first.remaining, first.reset_ms), (2, 1_000));
+    assert_eq!(take(b, "u").await.remaining, 1);
+    let third = take(a, "u").await;
+    assert_eq!(
+        (third.allowed, third.remaining, third.reset_ms),
+        (true, 0, 3_000)
+    );
+    let refused = take(b, "u").await;
+    assert!(!refused.allowed, "the other replica sees the same count");
+    assert_eq!((refused.retry_after_ms, refused.reset_ms), (1_000, 3_000));
+    assert!(take(b, "someone else").await.allowed);
+    clock.advance(999);
+    assert!(!take(a, "u").await.allowed, "not before a second");
+    clock.advance(1);
+    let back = take(a, "u").await;
+    assert_eq!((back.allowed, back.remaining), (true, 0));
+
+    // Many requests at once, spread over both replicas: exactly the limit gets through.
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let store = Arc::clone(&replicas[i % 2]);
+            tokio::spawn(async move {
+                store
+                    .take("burst", 10, Duration::from_secs(60))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .allowed
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += usize::from(t.await.unwrap());
+    }
+    assert_eq!(allowed, 10);
+}
