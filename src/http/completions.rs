@@ -272,6 +272,8 @@ struct Relay {
     deltas: StreamRegistration,
     finished: Subscription,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// How often to look in the store for the job's finish (a shared store), if at all.
+    poll: Option<Duration>,
     /// The reply text forwarded so far.
     sent: String,
     phase: Phase,
@@ -286,12 +288,24 @@ impl Relay {
                 Some(self.chunk(json!({"role": "assistant", "content": ""}), None))
             }
             Phase::Relaying => {
-                let job = tokio::select! {
-                    biased;
-                    Some(delta) = self.deltas.rx.recv() => return Some(self.delta(delta)),
-                    job = self.finished.finished() => job,
-                    _ = &mut self.deadline => None,
-                    _ = self.state.shutdown.cancelled() => None,
+                let job = loop {
+                    let poll = tokio::time::sleep(self.poll.unwrap_or(Duration::MAX));
+                    tokio::select! {
+                        biased;
+                        Some(delta) = self.deltas.rx.recv() => return Some(self.delta(delta)),
+                        job = self.finished.finished() => break job,
+                        _ = &mut self.deadline => break None,
+                        _ = self.state.shutdown.cancelled() => break None,
+                        // On a shared store another replica's worker may run the job; its
+                        // finish is only in the store.
+                        _ = poll, if self.poll.is_some() => {
+                            if let Ok(Some(job)) = self.state.store.get(self.id).await {
+                                if job.state.is_terminal() {
+                                    break Some(job);
+                                }
+                            }
+                        }
+                    }
                 };
                 self.close(job).await;
                 self.closing.pop_front()
@@ -362,6 +376,7 @@ async fn stream_reply(
         deltas,
         finished,
         deadline: Box::pin(tokio::time::sleep(state.config.request_timeout)),
+        poll: state.config.store.is_shared().then_some(jobs::SHARED_POLL),
         sent: String::new(),
         phase: Phase::Opening,
         closing: VecDeque::new(),

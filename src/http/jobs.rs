@@ -293,7 +293,7 @@ pub struct WaitQuery {
 
 /// How often a long-poll on a shared store re-reads the job: another replica may finish it,
 /// and this process's signals do not hear of that.
-const SHARED_POLL: Duration = Duration::from_secs(1);
+pub const SHARED_POLL: Duration = Duration::from_secs(1);
 
 /// The one long-poll: waits on `subscription` (taken before the job was last read or pushed,
 /// so a finish in between is not missed) until job `id` finishes, `wait` passes or shutdown
