@@ -29,6 +29,11 @@ pub trait JobNotifier: Send + Sync {
     fn work_available_for_all(&self);
     /// A job reached a final state (completed, failed for good, cancelled).
     fn job_finished(&self, job: &Job);
+    /// Whether anyone here waits for `id` to finish (so a store that hears of another
+    /// process's finish knows whether reading the job back is worth it).
+    fn is_watched(&self, _id: Uuid) -> bool {
+        true
+    }
 }
 
 /// Takes a lock whose data stays valid whatever a panicking holder did: every critical
@@ -57,6 +62,10 @@ impl JobNotifier for Signals {
 
     fn job_finished(&self, job: &Job) {
         self.finished.finished(job);
+    }
+
+    fn is_watched(&self, id: Uuid) -> bool {
+        self.finished.is_watched(id)
     }
 }
 
@@ -97,6 +106,11 @@ impl JobEvents {
         for (_, tx) in waiters.into_iter().flatten() {
             let _ = tx.send(job.clone());
         }
+    }
+
+    /// Whether anyone waits for `id`.
+    pub fn is_watched(&self, id: Uuid) -> bool {
+        lock(&self.inner.waiters).contains_key(&id)
     }
 
     /// Number of jobs with at least one waiter (for tests).

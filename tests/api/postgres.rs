@@ -261,3 +261,56 @@ async fn a_streamed_reply_ends_when_another_replica_ran_its_job() {
     }
     db.drop_it().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_hears_of_another_replicas_finish_within_200_ms() {
+    use crate::helpers::{MockUpstream, Reply};
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    upstream.script([Reply::slow("slow one", Duration::from_secs(20))]);
+    let env = [
+        ("OPENAI_API_KEY", "test-key".to_owned()),
+        ("OPENAI_BASE_URL", format!("http://{}/v1", upstream.addr)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--database-url", db.url.as_str(), "--workers", "1"];
+    let (mut a, base_a) = start_chatq_with_env(&dir.path().join("a"), &args, &env);
+    let http = reqwest::Client::new();
+    let (status, _) = post(
+        &http,
+        &format!("{base_a}/v1/chat/jobs"),
+        &json!({"user_id": "hold", "prompt": "keep a's worker busy"}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    while upstream.in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // From now on only B's worker is free: jobs submitted to A run on B.
+    let (mut b, _base_b) = start_chatq_with_env(&dir.path().join("b"), &args, &env);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..5 {
+        let (status, accepted) = post(
+            &http,
+            &format!("{base_a}/v1/chat/jobs"),
+            &json!({"user_id": format!("u{i}"), "prompt": "quick"}),
+        )
+        .await;
+        assert_eq!(status, 202);
+        let id = accepted["id"].as_str().unwrap().to_owned();
+        let job = get_json(&http, &format!("{base_a}/v1/chat/jobs/{id}?wait=10")).await;
+        let heard = std::time::SystemTime::now();
+        assert_eq!(job["status"], "completed", "{job}");
+        let finished = humantime::parse_rfc3339(job["finished_at"].as_str().unwrap()).unwrap();
+        let lag = heard.duration_since(finished).unwrap_or_default();
+        println!("job {i}: A heard of B's finish after {lag:?}");
+        assert!(lag < Duration::from_millis(200), "job {i}: {lag:?}");
+    }
+    for child in [&mut a, &mut b] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    db.drop_it().await;
+}

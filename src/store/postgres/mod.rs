@@ -17,9 +17,12 @@
 //! With `--durability strict` a commit returns once its WAL is on disk (`synchronous_commit`
 //! on, PostgreSQL's default); `relaxed` turns it off for this store's connections.
 //!
+//! Other replicas hear of new work and finished jobs through LISTEN/NOTIFY (`listen.rs`).
+//!
 //! Times come from the database's clock, unless the store was opened on a test clock (see
 //! `schema.rs`). Statements are prepared once per connection (deadpool's statement cache).
 
+mod listen;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -204,6 +207,10 @@ pub struct PgStore {
     commits: AtomicU64,
     /// When retention last ran here (ms on the store's clock).
     last_retention: AtomicU64,
+    /// What the other replicas are to hear of.
+    announce: Arc<listen::Announcer>,
+    // Dropped with the store: stops the announcing and listening tasks.
+    _tasks: listen::Tasks,
 }
 
 impl PgStore {
@@ -214,13 +221,24 @@ impl PgStore {
         clock: SharedClock,
         notifier: Arc<dyn JobNotifier>,
     ) -> Result<Self, StoreError> {
-        let pool = pool(pg, options.durability)?;
+        let (pool, config) = pool(pg, options.durability)?;
         let mut client = pool.get().await.map_err(|e| StoreError::Open {
             what: "could not connect to the database (--database-url)".to_owned(),
             source: Box::new(e),
         })?;
         schema::migrate(&mut client).await?;
         drop(client);
+        let announce = Arc::new(listen::Announcer::default());
+        let (tasks, stop) = listen::Tasks::new();
+        // Both tasks hold only handles (the pool, the notifier) and end when the store is
+        // dropped; nothing durable happens in them, so nobody needs to await their end.
+        tokio::spawn(Arc::clone(&announce).run(pool.clone(), stop.clone()));
+        tokio::spawn(listen::listen(
+            config,
+            Arc::clone(&notifier),
+            read_finished(pool.clone(), Arc::clone(&notifier)),
+            stop,
+        ));
         Ok(Self {
             pool,
             options,
@@ -230,6 +248,8 @@ impl PgStore {
             notifier,
             commits: AtomicU64::new(0),
             last_retention: AtomicU64::new(0),
+            announce,
+            _tasks: tasks,
         })
     }
 
@@ -340,6 +360,7 @@ impl PgStore {
                 "put back jobs whose claim ran out (a replica died or stalled)"
             );
             self.notifier.work_available_for_all();
+            self.announce.work();
         }
         Ok(rescued)
     }
@@ -424,7 +445,7 @@ pub async fn migrate(url: &crate::secret::Secret) -> Result<(i32, i32), StoreErr
         replica: "migrate".to_owned(),
         pool_size: 2,
     };
-    let pool = pool(&pg, Durability::Strict)?;
+    let (pool, _) = pool(&pg, Durability::Strict)?;
     let mut client = pool.get().await.map_err(|e| StoreError::Open {
         what: "could not connect to the database (--database-url)".to_owned(),
         source: Box::new(e),
@@ -433,7 +454,35 @@ pub async fn migrate(url: &crate::secret::Secret) -> Result<(i32, i32), StoreErr
     Ok((before, schema::VERSION))
 }
 
-fn pool(pg: &PostgresOptions, durability: Durability) -> Result<Pool, StoreError> {
+/// How the listener reads back jobs another replica finished, for this replica's waiters.
+fn read_finished(pool: Pool, notifier: Arc<dyn JobNotifier>) -> listen::ReadFinished {
+    Arc::new(move |ids: Vec<Uuid>| {
+        let (pool, notifier) = (pool.clone(), Arc::clone(&notifier));
+        Box::pin(async move {
+            let read = async {
+                let client = pool.get().await?;
+                let sql = format!(
+                    "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE id = ANY($1)
+                     AND state IN ('completed', 'failed', 'cancelled')"
+                );
+                let rows = client.query(&sql, &[&ids]).await?;
+                rows.iter()
+                    .map(job_from)
+                    .collect::<Result<Vec<_>, StoreError>>()
+            };
+            match read.await {
+                Ok(jobs) => jobs.iter().for_each(|job| notifier.job_finished(job)),
+                // The waiters re-read their job every second anyway.
+                Err(e) => tracing::debug!(error = %e, "could not read jobs finished elsewhere"),
+            }
+        })
+    })
+}
+
+fn pool(
+    pg: &PostgresOptions,
+    durability: Durability,
+) -> Result<(Pool, tokio_postgres::Config), StoreError> {
     let mut config: tokio_postgres::Config =
         pg.url.expose().parse().map_err(|e| StoreError::Open {
             what: "the database URL is not a PostgreSQL connection string (--database-url)"
@@ -450,13 +499,13 @@ fn pool(pg: &PostgresOptions, durability: Durability) -> Result<Pool, StoreError
         config.connect_timeout(Duration::from_secs(5));
     }
     let manager = Manager::from_config(
-        config,
+        config.clone(),
         NoTls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(manager)
+    let pool = Pool::builder(manager)
         .max_size(pg.pool_size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(5)))
@@ -466,7 +515,8 @@ fn pool(pg: &PostgresOptions, durability: Durability) -> Result<Pool, StoreError
         .map_err(|e| StoreError::Open {
             what: "could not set up the database connection pool".to_owned(),
             source: Box::new(e),
-        })
+        })?;
+    Ok((pool, config))
 }
 
 async fn insert_interaction(
@@ -548,6 +598,7 @@ impl JobStore for PgStore {
         if let Some(job) = inserted.into_iter().next() {
             self.committed();
             self.notifier.work_available();
+            self.announce.work();
             return Ok(Pushed { job, created: true });
         }
         if let Some(key) = &new.idempotency_key {
@@ -660,6 +711,7 @@ impl JobStore for PgStore {
             )
             .await?;
         self.notifier.job_finished(&job);
+        self.announce.done(job.id);
         Ok(job)
     }
 
@@ -699,10 +751,12 @@ impl JobStore for PgStore {
         if job.state == JobState::Delayed {
             // A sleeping worker may be waiting for a later due time.
             self.notifier.work_available();
+            self.announce.work();
             let at = job.run_at;
             return Ok((job, FailOutcome::Retrying { at }));
         }
         self.notifier.job_finished(&job);
+        self.announce.done(job.id);
         Ok((job, FailOutcome::Failed))
     }
 
@@ -723,6 +777,7 @@ impl JobStore for PgStore {
         };
         self.committed();
         self.notifier.job_finished(&job);
+        self.announce.done(job.id);
         Ok(job)
     }
 
@@ -745,6 +800,7 @@ impl JobStore for PgStore {
         };
         self.committed();
         self.notifier.work_available();
+        self.announce.work();
         Ok(job)
     }
 
@@ -756,6 +812,7 @@ impl JobStore for PgStore {
         self.committed();
         if !paused {
             self.notifier.work_available_for_all();
+            self.announce.work();
         }
         Ok(())
     }

@@ -292,3 +292,52 @@ async fn the_rate_limit_is_one_count_across_replicas() {
     }
     assert_eq!(allowed, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_replicas_finishes_and_work_reach_this_ones_waiters() {
+    use crate::domain::{JobState, NewJob};
+    use crate::store::JobStore;
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let options = database.options();
+    let open = |signals: Arc<Signals>| {
+        let options = options.clone();
+        async move {
+            PgStore::open(
+                StoreOptions::postgres(options.clone()),
+                &options,
+                crate::clock::system(),
+                signals,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let (here, there) = (Arc::new(Signals::default()), Arc::new(Signals::default()));
+    let a = open(Arc::clone(&here)).await;
+    let b = open(Arc::clone(&there)).await;
+    // Let both listeners subscribe before anything is announced.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let woken = here.work.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    let job = b.push(NewJob::prompt("u", "from b")).await.unwrap().job;
+    tokio::time::timeout(Duration::from_secs(5), woken)
+        .await
+        .expect("a push on b wakes a's idle workers");
+
+    let mut finished = here.finished.subscribe(job.id);
+    let lease = b.claim().await.unwrap().unwrap().lease;
+    b.complete(&lease, contract::result("done on b"))
+        .await
+        .unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(5), finished.finished())
+        .await
+        .expect("b's finish reaches a's waiter")
+        .expect("with the job");
+    assert_eq!(heard.state, JobState::Completed);
+    assert_eq!(heard.result.unwrap().reply, "done on b");
+    drop(a);
+}
