@@ -314,3 +314,193 @@ async fn a_long_poll_hears_of_another_replicas_finish_within_200_ms() {
     }
     db.drop_it().await;
 }
+
+/// A TCP proxy to the test database that can be cut (every connection closed, new ones
+/// refused) and restored: a database outage for one chatq, not for the other tests.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Proxy {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (up2, cut2) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let cut = cut2.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, cut }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.notify_waiters();
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_gives_documented_503s_and_everything_acknowledged_finishes() {
+    use std::sync::{Arc, Mutex};
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let mut through = reqwest::Url::parse(&db.url).unwrap();
+    let target = format!(
+        "{}:{}",
+        through.host_str().unwrap(),
+        through.port().unwrap_or(5432)
+    );
+    let target: std::net::SocketAddr = tokio::net::lookup_host(target)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(target).await;
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.addr.port())).unwrap();
+    let url = through.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--database-url",
+        url.as_str(),
+        "--lease-secs",
+        "3",
+        "--rate-limit",
+        "1000000",
+        "--keep-completed",
+        "1000000",
+    ];
+    let (mut chatq, base) = start_chatq_with_env(&dir.path().join("a"), &args, &[]);
+    let http = crate::helpers::client_for_killed_server();
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let answers = Arc::new(Mutex::new(Vec::<(u16, String)>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pushers: Vec<_> = (0..4)
+        .map(|p| {
+            let (http, base) = (http.clone(), base.clone());
+            let (acknowledged, answers, stop) =
+                (acknowledged.clone(), answers.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 2_000 {
+                    let sent = http
+                        .post(format!("{base}/v1/chat/jobs"))
+                        .json(&json!({"user_id": format!("p{p}"), "prompt": format!("job {n}")}))
+                        .send()
+                        .await;
+                    let response = sent.expect("chatq itself stays up and answers");
+                    let status = response.status().as_u16();
+                    let body: Value = response.json().await.unwrap_or(Value::Null);
+                    if status == 202 {
+                        acknowledged
+                            .lock()
+                            .unwrap()
+                            .push(body["id"].as_str().unwrap().to_owned());
+                    } else {
+                        let code = body["error"]["code"].as_str().unwrap_or("-").to_owned();
+                        answers.lock().unwrap().push((status, code));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(
+        ready.status().as_u16(),
+        503,
+        "/readyz says the store is gone"
+    );
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    proxy.restore();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for p in pushers {
+        p.await.unwrap();
+    }
+    let refused = answers.lock().unwrap().clone();
+    assert!(!refused.is_empty(), "the outage was seen by the submitters");
+    for (status, code) in &refused {
+        assert_eq!(
+            (*status, code.as_str()),
+            (503, "store_unavailable"),
+            "{refused:?}"
+        );
+    }
+    let acked = acknowledged.lock().unwrap().clone();
+    assert!(
+        acked.len() > 10,
+        "jobs were accepted before and after: {}",
+        acked.len()
+    );
+    // Everything acknowledged finishes once the database is back (jobs cut off mid-run come
+    // back when their 3 s lease runs out).
+    crate::helpers::wait_until_drained(&http, &base, 30).await;
+    for id in &acked {
+        let job = get_json(&http, &format!("{base}/v1/chat/jobs/{id}")).await;
+        assert_eq!(job["status"], "completed", "{job}");
+    }
+    // A push whose commit reached the server while the cut took its answer got a 503 and
+    // ran anyway: the ambiguity of any commit over a network (a retry with the same
+    // idempotency_key makes it harmless). Only those can be extra.
+    let stats = get_json(&http, &format!("{base}/v1/queue/stats")).await;
+    let completed = stats["completed"].as_u64().unwrap() as usize;
+    assert!(
+        completed >= acked.len() && completed - acked.len() <= refused.len(),
+        "{completed} completed, {} acknowledged: {stats}",
+        acked.len()
+    );
+    let (admin, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let entries: i64 = admin
+        .query_one("SELECT count(DISTINCT job_id) FROM chatq_interactions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(entries as usize, completed, "one log entry per job");
+    println!(
+        "{} acknowledged, {} refused with 503 store_unavailable during the outage, {} of those committed all the same",
+        acked.len(),
+        refused.len(),
+        completed - acked.len()
+    );
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "ready again by itself");
+    chatq.kill().unwrap();
+    chatq.wait().unwrap();
+    db.drop_it().await;
+}
