@@ -504,3 +504,147 @@ async fn a_database_outage_gives_documented_503s_and_everything_acknowledged_fin
     chatq.wait().unwrap();
     db.drop_it().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_one_killed_mid_run_lose_nothing_and_log_each_job_once() {
+    use crate::helpers::{MockUpstream, Reply};
+    use std::sync::{Arc, Mutex};
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    // Slow enough that jobs are in flight on every replica when one dies.
+    upstream.set_default(Reply::slow("done", Duration::from_millis(40)));
+    let env = [
+        ("OPENAI_API_KEY", "test-key".to_owned()),
+        ("OPENAI_BASE_URL", format!("http://{}/v1", upstream.addr)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let lease_secs = 3;
+    let start = |name: &str| {
+        let lease = lease_secs.to_string();
+        let args = [
+            "--database-url",
+            db.url.as_str(),
+            "--lease-secs",
+            lease.as_str(),
+            "--replica-name",
+            name,
+            "--rate-limit",
+            "1000000",
+            "--keep-completed",
+            "1000000",
+            "--workers",
+            "8",
+        ];
+        start_chatq_with_env(&dir.path().join(name), &args, &env)
+    };
+    let mut replicas = vec![start("a"), start("b"), start("c")];
+    let bases: Vec<String> = replicas.iter().map(|(_, base)| base.clone()).collect();
+    let http = crate::helpers::client_for_killed_server();
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let submitters: Vec<_> = (0..64)
+        .map(|s| {
+            let (http, base) = (http.clone(), bases[s % 3].clone());
+            let acknowledged = acknowledged.clone();
+            tokio::spawn(async move {
+                for n in 0..25 {
+                    let sent = http
+                        .post(format!("{base}/v1/chat/jobs"))
+                        .json(&json!({"user_id": format!("s{s}"), "prompt": format!("job {n}")}))
+                        .send()
+                        .await;
+                    // Submitters of the killed replica see it go: those requests were never
+                    // acknowledged.
+                    let Ok(response) = sent else { continue };
+                    if response.status() == 202 {
+                        let body: Value = response.json().await.unwrap();
+                        acknowledged
+                            .lock()
+                            .unwrap()
+                            .push(body["id"].as_str().unwrap().to_owned());
+                    }
+                }
+            })
+        })
+        .collect();
+    // Kill A once it runs jobs.
+    let (admin, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    loop {
+        let running: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM chatq_jobs WHERE state = 'active' AND lease_owner = 'a'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replicas[0].0.kill().unwrap();
+    replicas[0].0.wait().unwrap();
+    let killed_at = std::time::SystemTime::now();
+    for s in submitters {
+        s.await.unwrap();
+    }
+    replicas[0] = start("a");
+    let acked = acknowledged.lock().unwrap().clone();
+    assert!(acked.len() > 500, "{} acknowledged", acked.len());
+    crate::helpers::wait_until_drained(&http, &bases[1], 60).await;
+
+    // Every acknowledged job finished, each with exactly one log entry, and nothing else ran
+    // twice to the log.
+    let rows = admin
+        .query(
+            "SELECT j.id::text, j.state, j.rescues, j.finished_at,
+                    (SELECT count(*) FROM chatq_interactions i WHERE i.job_id = j.id)
+             FROM chatq_jobs j",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut states = std::collections::HashMap::new();
+    let mut rescued_finish = Vec::new();
+    for row in &rows {
+        let (id, state, rescues, finished_at, entries): (String, String, i32, Option<i64>, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        assert_eq!(entries, 1, "job {id} ({state}) has {entries} log entries");
+        if rescues > 0 {
+            rescued_finish.push(finished_at.unwrap_or_default());
+        }
+        states.insert(id, state);
+    }
+    for id in &acked {
+        let state = states.get(id).map(String::as_str);
+        assert!(
+            matches!(state, Some("completed") | Some("failed")),
+            "acknowledged job {id} is {state:?}"
+        );
+    }
+    assert!(!rescued_finish.is_empty(), "A died with jobs in flight");
+    let killed_ms = killed_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let slowest = rescued_finish.iter().max().unwrap() - killed_ms;
+    println!(
+        "{} acknowledged, {} of A's jobs finished elsewhere, the last {slowest} ms after the kill",
+        acked.len(),
+        rescued_finish.len()
+    );
+    assert!(
+        slowest < (lease_secs as i64 + 5) * 1_000,
+        "A's jobs finished {slowest} ms after the kill; the lease is {lease_secs} s"
+    );
+    for (child, _) in &mut replicas {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    db.drop_it().await;
+}
