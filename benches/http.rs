@@ -153,6 +153,197 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// CPU time all PostgreSQL server processes on this machine have used so far.
+fn postgres_cpu_time() -> Duration {
+    let mut total = Duration::ZERO;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.contains("(postgres)") {
+            total += cpu_time(pid);
+        }
+    }
+    total
+}
+
+/// A fresh database on the server `CHATQ_BENCH_DATABASE_URL` (or `CHATQ_TEST_DATABASE_URL`)
+/// names, for one PostgreSQL run.
+async fn bench_database() -> Option<String> {
+    let admin = std::env::var("CHATQ_BENCH_DATABASE_URL")
+        .or_else(|_| std::env::var("CHATQ_TEST_DATABASE_URL"))
+        .ok()?;
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("the bench database server answers");
+    tokio::spawn(connection);
+    let name = format!("chatq_bench_{}", std::process::id());
+    // Two statements: a multi-statement string runs as one transaction, and neither may.
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        client.batch_execute(&sql).await.unwrap();
+    }
+    let mut url = reqwest::Url::parse(&admin).unwrap();
+    url.set_path(&format!("/{name}"));
+    Some(url.to_string())
+}
+
+/// Accept and drain on PostgreSQL with one and three replicas.
+async fn postgres(upstream: SocketAddr) {
+    for replicas in [1, 3] {
+        let Some(url) = bench_database().await else {
+            println!("| PostgreSQL runs skipped: CHATQ_BENCH_DATABASE_URL is unset | | | |");
+            return;
+        };
+        pg_accept(&url, replicas).await;
+        let url = bench_database().await.unwrap_or(url);
+        pg_drain(&url, upstream, replicas).await;
+    }
+}
+
+fn pg_replicas(
+    url: &str,
+    upstream: Option<SocketAddr>,
+    replicas: usize,
+    workers: usize,
+) -> Vec<Chatq> {
+    let workers = workers.to_string();
+    (0..replicas)
+        .map(|_| Chatq::fresh(upstream, &["--database-url", url, "--workers", &workers]))
+        .collect()
+}
+
+async fn pg_accept(url: &str, replicas: usize) {
+    let chatqs = pg_replicas(url, None, replicas, 1);
+    let http = client();
+    http.post(format!("{}/v1/queue/pause", chatqs[0].base))
+        .send()
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let pids: Vec<u32> = chatqs.iter().map(|c| c.child.id()).collect();
+    let cpu_before: Duration = pids.iter().map(|p| cpu_time(*p)).sum();
+    let pg_before = postgres_cpu_time();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|c| {
+            let base = chatqs[c % replicas].base.clone();
+            let (stop, count) = (stop.clone(), count.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(8192);
+                let body = json!({"user_id": format!("user-{c}"), "prompt": "What is the capital of France?"});
+                let request = raw_request("POST", &base, "/v1/chat/jobs", Some(&body));
+                let mut connection = RawConnection::open(&base).await;
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let (status, _) = connection.send(&request).await;
+                    assert_eq!(status, 202);
+                    latencies.push(t.elapsed());
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu: Duration = pids.iter().map(|p| cpu_time(*p)).sum::<Duration>() - cpu_before;
+    let pg = postgres_cpu_time() - pg_before;
+    let accepted = count.load(Ordering::Relaxed).max(1);
+    all.sort();
+    row(
+        &format!("PostgreSQL: accepted jobs/s, 64 connections, {replicas} replica(s), strict"),
+        format!("{:.0}", accepted as f64 / elapsed),
+        Some(percentile(&all, 0.5)),
+        Some(percentile(&all, 0.99)),
+    );
+    row(
+        &format!("PostgreSQL: CPU per accepted job, chatq / postgres, {replicas} replica(s)"),
+        format!(
+            "{:.0} / {:.0} µs",
+            cpu.as_secs_f64() * 1e6 / accepted as f64,
+            pg.as_secs_f64() * 1e6 / accepted as f64
+        ),
+        None,
+        None,
+    );
+}
+
+async fn pg_drain(url: &str, upstream: SocketAddr, replicas: usize) {
+    let n = 20_000usize;
+    // 64 workers in all, spread over the replicas.
+    let chatqs = pg_replicas(url, Some(upstream), replicas, 64 / replicas);
+    let http = client();
+    http.post(format!("{}/v1/queue/pause", chatqs[0].base))
+        .send()
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|c| {
+            let base = chatqs[c % replicas].base.clone();
+            tokio::spawn(async move {
+                let body = json!({"user_id": format!("user-{c}"), "prompt": "What is the capital of France?"});
+                let request = raw_request("POST", &base, "/v1/chat/jobs", Some(&body));
+                let mut connection = RawConnection::open(&base).await;
+                for _ in 0..n / 64 {
+                    assert_eq!(connection.send(&request).await.0, 202);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = (n / 64 * 64) as u64;
+    let pids: Vec<u32> = chatqs.iter().map(|c| c.child.id()).collect();
+    let cpu_before: Duration = pids.iter().map(|p| cpu_time(*p)).sum();
+    let pg_before = postgres_cpu_time();
+    let started = Instant::now();
+    http.post(format!("{}/v1/queue/resume", chatqs[0].base))
+        .send()
+        .await
+        .unwrap();
+    loop {
+        let stats = get_json(&http, &format!("{}/v1/queue/stats", chatqs[0].base)).await;
+        if stats["completed"].as_u64().unwrap_or(0) + stats["failed"].as_u64().unwrap_or(0) >= total
+        {
+            assert_eq!(stats["failed"], 0);
+            break;
+        }
+        // Counting is a scan of the table on this store: not too often.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu: Duration = pids.iter().map(|p| cpu_time(*p)).sum::<Duration>() - cpu_before;
+    let pg = postgres_cpu_time() - pg_before;
+    row(
+        &format!("PostgreSQL: drained jobs/s, 64 workers, {replicas} replica(s)"),
+        format!("{:.0}", total as f64 / elapsed),
+        None,
+        None,
+    );
+    row(
+        &format!("PostgreSQL: CPU per drained job, chatq / postgres, {replicas} replica(s)"),
+        format!(
+            "{:.0} / {:.0} µs",
+            cpu.as_secs_f64() * 1e6 / total as f64,
+            pg.as_secs_f64() * 1e6 / total as f64
+        ),
+        None,
+        None,
+    );
+}
+
 // ---------------------------------------------------------------- a lean load generator
 
 /// One keep-alive HTTP/1.1 connection that writes a pre-encoded request and reads the whole
@@ -699,6 +890,9 @@ fn main() {
         }
         if wanted("ready") {
             time_to_ready().await;
+        }
+        if wanted("postgres") {
+            postgres(upstream).await;
         }
     });
     if wanted("validate") {
