@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// This replica's name on its claims (default: host name and process id).
     #[arg(long, env = "CHATQ_REPLICA_NAME")]
     pub replica_name: Option<String>,
+    /// Verify the database's TLS certificate against the PEM certificates in this file (and
+    /// require TLS); without it, `sslmode` in the URL decides, as for libpq.
+    #[arg(long, env = "CHATQ_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
     /// Connections this replica keeps to the database.
     #[arg(long, env = "CHATQ_DATABASE_POOL_SIZE", default_value_t = defaults::DATABASE_POOL_SIZE, value_parser = clap::value_parser!(u32).range(2..=1_000))]
     pub database_pool_size: u32,
@@ -175,6 +179,9 @@ pub struct MigrateArgs {
     /// The PostgreSQL database to migrate.
     #[arg(long, env = "CHATQ_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// As for `serve`.
+    #[arg(long, env = "CHATQ_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
 }
 
 /// Where a client subcommand finds the server.

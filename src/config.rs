@@ -156,6 +156,7 @@ impl Config {
                 lease,
                 replica: args.replica_name.unwrap_or_else(default_replica_name),
                 pool_size: args.database_pool_size as usize,
+                ca_file: args.database_ca_file,
             }),
             None => StoreOptions::embedded(args.data_dir),
         };

@@ -47,7 +47,7 @@ async fn main() -> ExitCode {
 
 async fn migrate(args: chatq::cli::MigrateArgs) -> anyhow::Result<()> {
     let url = chatq::config::database_url(args.database_url)?;
-    let (before, now) = chatq::store::postgres::migrate(&url).await?;
+    let (before, now) = chatq::store::postgres::migrate(&url, args.database_ca_file).await?;
     if before == now {
         println!("the database schema is at version {now}; nothing to do");
     } else {

@@ -101,6 +101,9 @@ pub struct PostgresOptions {
     pub replica: String,
     /// Connections this replica keeps to the database.
     pub pool_size: usize,
+    /// Certificates the server's must chain to (TLS then required and verified); without,
+    /// libpq's `sslmode` meanings: encryption when offered, no verification.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The embedded store's own settings.

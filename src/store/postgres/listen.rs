@@ -138,6 +138,7 @@ pub type ReadFinished =
 /// Listens on its own connection until `stop`, reconnecting with a backoff.
 pub async fn listen(
     config: tokio_postgres::Config,
+    tls: super::tls::MakeRustlsConnect,
     notifier: Arc<dyn JobNotifier>,
     read_finished: ReadFinished,
     stop: CancellationToken,
@@ -145,7 +146,7 @@ pub async fn listen(
     let mut backoff = Duration::from_millis(100);
     loop {
         let outcome = tokio::select! {
-            outcome = listen_once(&config, &notifier, &read_finished) => outcome,
+            outcome = listen_once(&config, &tls, &notifier, &read_finished) => outcome,
             _ = stop.cancelled() => return,
         };
         if let Err(e) = outcome {
@@ -162,10 +163,11 @@ pub async fn listen(
 
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &super::tls::MakeRustlsConnect,
     notifier: &Arc<dyn JobNotifier>,
     read_finished: &ReadFinished,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (client, mut connection) = config.connect(tls.clone()).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     // The connection does its IO only while polled: drive it here and hand notifications on.
     let driver = async move {

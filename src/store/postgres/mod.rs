@@ -26,6 +26,7 @@ mod listen;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,8 +34,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 pub use schema::{NewerSchema, VERSION as SCHEMA_VERSION};
@@ -221,7 +222,7 @@ impl PgStore {
         clock: SharedClock,
         notifier: Arc<dyn JobNotifier>,
     ) -> Result<Self, StoreError> {
-        let (pool, config) = pool(pg, options.durability)?;
+        let (pool, config, tls) = pool(pg, options.durability)?;
         let mut client = pool.get().await.map_err(|e| StoreError::Open {
             what: "could not connect to the database (--database-url)".to_owned(),
             source: Box::new(e),
@@ -235,6 +236,7 @@ impl PgStore {
         tokio::spawn(Arc::clone(&announce).run(pool.clone(), stop.clone()));
         tokio::spawn(listen::listen(
             config,
+            tls,
             Arc::clone(&notifier),
             read_finished(pool.clone(), Arc::clone(&notifier)),
             stop,
@@ -438,14 +440,18 @@ pub fn check_url(url: &str) -> Result<(), String> {
 
 /// Brings the database `url` names to the current schema (`chatq migrate`); returns the
 /// versions before and after.
-pub async fn migrate(url: &crate::secret::Secret) -> Result<(i32, i32), StoreError> {
+pub async fn migrate(
+    url: &crate::secret::Secret,
+    ca_file: Option<std::path::PathBuf>,
+) -> Result<(i32, i32), StoreError> {
     let pg = PostgresOptions {
         url: url.clone(),
         lease: Duration::from_secs(crate::defaults::LEASE_SECS),
         replica: "migrate".to_owned(),
         pool_size: 2,
+        ca_file,
     };
-    let (pool, _) = pool(&pg, Durability::Strict)?;
+    let (pool, _, _) = pool(&pg, Durability::Strict)?;
     let mut client = pool.get().await.map_err(|e| StoreError::Open {
         what: "could not connect to the database (--database-url)".to_owned(),
         source: Box::new(e),
@@ -482,7 +488,7 @@ fn read_finished(pool: Pool, notifier: Arc<dyn JobNotifier>) -> listen::ReadFini
 fn pool(
     pg: &PostgresOptions,
     durability: Durability,
-) -> Result<(Pool, tokio_postgres::Config), StoreError> {
+) -> Result<(Pool, tokio_postgres::Config, tls::MakeRustlsConnect), StoreError> {
     let mut config: tokio_postgres::Config =
         pg.url.expose().parse().map_err(|e| StoreError::Open {
             what: "the database URL is not a PostgreSQL connection string (--database-url)"
@@ -498,9 +504,14 @@ fn pool(
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
+    if pg.ca_file.is_some() {
+        // A certificate to check against means TLS is not optional.
+        config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    }
+    let tls = tls::connector(pg.ca_file.as_deref())?;
     let manager = Manager::from_config(
         config.clone(),
-        NoTls,
+        tls.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -516,7 +527,7 @@ fn pool(
             what: "could not set up the database connection pool".to_owned(),
             source: Box::new(e),
         })?;
-    Ok((pool, config))
+    Ok((pool, config, tls))
 }
 
 async fn insert_interaction(

@@ -75,6 +75,7 @@ impl TestDatabase {
             lease: Duration::from_secs(30),
             replica: "test".to_owned(),
             pool_size: 16,
+            ca_file: None,
         }
     }
 }
@@ -340,4 +341,77 @@ async fn another_replicas_finishes_and_work_reach_this_ones_waiters() {
     assert_eq!(heard.state, JobState::Completed);
     assert_eq!(heard.result.unwrap().reply, "done on b");
     drop(a);
+}
+
+#[tokio::test]
+async fn sslmode_require_encrypts_and_a_ca_file_makes_the_certificate_checked() {
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let mut options = database.options();
+    options.url = Secret::new(format!("{}?sslmode=require", database.url));
+    let store = PgStore::open(
+        StoreOptions::postgres(options.clone()),
+        &options,
+        crate::clock::system(),
+        Arc::new(Signals::default()),
+    )
+    .await
+    .expect("TLS without verification, as libpq's require");
+    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let encrypted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'chatq' AND a.datname = current_database() AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "chatq's connections use TLS");
+    drop(store);
+
+    // The server's certificate must now chain to the file and name the host: this test
+    // server's self-signed certificate names the machine, not 127.0.0.1.
+    let Some(certificate) = ["/etc/ssl/certs/ssl-cert-snakeoil.pem"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        return;
+    };
+    options.url = Secret::new(database.url.clone());
+    options.ca_file = Some(certificate.into());
+    let refused = PgStore::open(
+        StoreOptions::postgres(options.clone()),
+        &options,
+        crate::clock::system(),
+        Arc::new(Signals::default()),
+    )
+    .await;
+    let Err(e) = refused else {
+        panic!("a certificate that does not name the host was accepted");
+    };
+    let message = crate::store::error_chain(&e);
+    assert!(message.contains("certificate"), "{message}");
+    // The same certificate, with the host it names: verified, and taken.
+    if !message.contains("\"localhost\"") {
+        return;
+    }
+    let mut by_name = reqwest::Url::parse(&database.url).unwrap();
+    by_name.set_host(Some("localhost")).unwrap();
+    options.url = Secret::new(by_name.to_string());
+    let verified = PgStore::open(
+        StoreOptions::postgres(options.clone()),
+        &options,
+        crate::clock::system(),
+        Arc::new(Signals::default()),
+    )
+    .await;
+    assert!(
+        verified.is_ok(),
+        "a certificate that names the host is taken"
+    );
 }
