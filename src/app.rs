@@ -84,6 +84,7 @@ impl App {
         let state = AppState(Arc::new(Shared {
             store,
             signals,
+            handoff: pool.handoff(),
             validator: Validator::new(),
             limiter,
             metrics,

@@ -25,6 +25,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -189,9 +190,15 @@ impl Worker {
 
     /// Claims one due job, runs it and records the outcome.
     pub async fn process_next(&self) -> Result<Processed, StoreError> {
-        let Some(Claimed { job, lease }) = self.store.claim().await? else {
+        let Some(claimed) = self.store.claim().await? else {
             return Ok(Processed::Empty);
         };
+        self.process(claimed).await
+    }
+
+    /// Runs a job already claimed and records the outcome.
+    pub async fn process(&self, claimed: Claimed) -> Result<Processed, StoreError> {
+        let Claimed { job, lease } = claimed;
         let span = tracing::info_span!(
             "job",
             job_id = %job.id,
@@ -308,22 +315,56 @@ impl Worker {
     }
 }
 
+/// Jobs claimed elsewhere in this process for the pool to run (a streamed reply's: it runs
+/// where its client listens). Cheap to clone.
+#[derive(Clone)]
+pub struct Handoff(mpsc::UnboundedSender<Claimed>);
+
+/// The pool has stopped (shutdown): a job handed now stays claimed in the store and is
+/// recovered like any interrupted job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the worker pool has stopped")]
+pub struct PoolStopped;
+
+impl Handoff {
+    /// Gives `claimed` to the next free worker loop.
+    pub fn run(&self, claimed: Claimed) -> Result<(), PoolStopped> {
+        self.0.send(claimed).map_err(|_| PoolStopped)
+    }
+}
+
+/// The receiving end, shared by the loops: an idle loop waits on it holding the lock, so a
+/// handed job goes to exactly one loop. A tokio `Mutex`: held across that wait.
+type HandedJobs = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Claimed>>>;
+
 /// N worker loops and the token that stops them.
 pub struct WorkerPool {
     tasks: JoinSet<()>,
     stop: CancellationToken,
+    handoff: Handoff,
 }
 
 impl WorkerPool {
     /// Starts `worker.config().workers` loops; they stop claiming when `stop` is cancelled.
     pub fn spawn(worker: Arc<Worker>, stop: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handed: HandedJobs = Arc::new(tokio::sync::Mutex::new(rx));
         let mut tasks = JoinSet::new();
         for n in 0..worker.config.workers.max(1) {
-            let worker = Arc::clone(&worker);
+            let (worker, handed) = (Arc::clone(&worker), Arc::clone(&handed));
             let stop = stop.clone();
-            tasks.spawn(async move { run_loop(n, &worker, &stop).await });
+            tasks.spawn(async move { run_loop(n, &worker, &handed, &stop).await });
         }
-        Self { tasks, stop }
+        Self {
+            tasks,
+            stop,
+            handoff: Handoff(tx),
+        }
+    }
+
+    /// Where to hand jobs this process claimed for the pool to run.
+    pub fn handoff(&self) -> Handoff {
+        self.handoff.clone()
     }
 
     /// Stops claiming, waits up to `deadline` for jobs in flight, then aborts the rest.
@@ -344,7 +385,15 @@ impl WorkerPool {
     }
 }
 
-async fn run_loop(n: usize, worker: &Worker, stop: &CancellationToken) {
+/// The next handed job; never ends while the pool (which holds a sender) exists.
+async fn next_handed(handed: &HandedJobs) -> Claimed {
+    match handed.lock().await.recv().await {
+        Some(claimed) => claimed,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_loop(n: usize, worker: &Worker, handed: &HandedJobs, stop: &CancellationToken) {
     tracing::debug!(worker = n, "worker started");
     while !stop.is_cancelled() {
         // Register for the wake-up before looking for work, so a push that lands between an
@@ -352,7 +401,13 @@ async fn run_loop(n: usize, worker: &Worker, stop: &CancellationToken) {
         let notified = worker.signals.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        match worker.process_next().await {
+        // A handed job first: it is claimed already, and its client is watching.
+        let waiting = handed.try_lock().ok().and_then(|mut rx| rx.try_recv().ok());
+        let step = match waiting {
+            Some(claimed) => worker.process(claimed).await,
+            None => worker.process_next().await,
+        };
+        match step {
             Ok(Processed::Empty) => {
                 let timer = async {
                     let due = worker.idle_wait().await;
@@ -364,6 +419,11 @@ async fn run_loop(n: usize, worker: &Worker, stop: &CancellationToken) {
                 tokio::select! {
                     _ = &mut notified => {}
                     _ = timer => {}
+                    claimed = next_handed(handed) => {
+                        if let Err(e) = worker.process(claimed).await {
+                            tracing::error!(worker = n, error = %e, "running a handed job failed");
+                        }
+                    }
                     _ = stop.cancelled() => break,
                 }
             }

@@ -10,8 +10,10 @@
 //! - Client `system` messages are accepted after chatq's own system prompt, unless the
 //!   operator passed `--refuse-client-system`.
 //! - Non-streaming: the request waits for the job and answers a `chat.completion`.
-//! - `stream: true`: the job is registered for deltas *before* it is pushed, the worker asks
-//!   the upstream to stream, and each delta is forwarded as a `chat.completion.chunk` event as
+//! - `stream: true`: the job is registered for deltas *before* it is pushed, already claimed
+//!   by this process and handed to its own workers (so the deltas reach this client when
+//!   replicas share the store; ahead of queued jobs, since its client is watching), the worker
+//!   asks the upstream to stream, and each delta is forwarded as a `chat.completion.chunk` event as
 //!   it arrives, ending with `data: [DONE]`. The response body is a stream over (deltas, the
 //!   job's finish) that owns both registrations: a client that disconnects drops it, and the
 //!   job goes on and is logged. Keep-alive comments go out while the first token is awaited,
@@ -366,7 +368,19 @@ async fn stream_reply(
     // Both registrations come before the push: the worker cannot start before we listen.
     let deltas = state.signals.streams.listen(id);
     let finished = state.signals.finished.subscribe(id);
-    state.store.push(new).await?;
+    // The job is claimed here and run by this process's workers, so its deltas reach this
+    // client whichever replicas share the store. Paused, it waits in the queue like any job.
+    match state.store.push_claimed(new.clone()).await? {
+        Some(claimed) => {
+            if state.handoff.run(claimed).is_err() {
+                // Only at shutdown; the claim is recovered and the job runs after all.
+                tracing::warn!(job_id = %id, "the workers have stopped; the streamed job runs after recovery");
+            }
+        }
+        None => {
+            state.store.push(new).await?;
+        }
+    }
     state.metrics.jobs_accepted.inc();
     let relay = Relay {
         state: state.clone(),

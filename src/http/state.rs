@@ -12,12 +12,15 @@ use crate::metrics::Metrics;
 use crate::signals::Signals;
 use crate::store::Store;
 use crate::validate::Validator;
+use crate::worker::Handoff;
 
 /// What the handlers share, behind [`AppState`].
 pub struct Shared {
     pub store: Arc<dyn Store>,
     /// Long-poll and stream registrations; the store reports finishes into them.
     pub signals: Arc<Signals>,
+    /// This process's workers, for jobs that must run here (streamed replies).
+    pub handoff: Handoff,
     pub validator: Validator,
     pub limiter: Arc<UserLimiter>,
     pub metrics: Arc<Metrics>,

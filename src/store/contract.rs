@@ -142,6 +142,7 @@ macro_rules! store_contract {
             abandoned_claims_come_back_with_their_attempts,
             a_stale_lease_cannot_complete_or_fail,
             heartbeats_keep_only_held_leases,
+            a_job_pushed_claimed_is_this_callers_alone_and_recovered_like_any_claim,
             concurrent_claims_hand_out_each_job_exactly_once,
             pushes_racing_claims_lose_nothing_and_one_idempotency_key_makes_one_job,
         );
@@ -746,6 +747,65 @@ pub async fn heartbeats_keep_only_held_leases(h: Harness) {
     let held = h.store().heartbeat(&[a, b, c, forged]).await.unwrap();
     assert_eq!(held, vec![a, c]);
     assert!(h.store().heartbeat(&[]).await.unwrap().is_empty());
+}
+
+pub async fn a_job_pushed_claimed_is_this_callers_alone_and_recovered_like_any_claim(
+    mut h: Harness,
+) {
+    let queued = h.push(NewJob::prompt("u", "queued first")).await;
+    h.store().set_paused(true).await.unwrap();
+    assert!(
+        h.store()
+            .push_claimed(NewJob::prompt("u", "paused"))
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing is claimed while paused, this way either"
+    );
+    assert_eq!(
+        h.store().counts().await.unwrap().queued,
+        1,
+        "and nothing stored"
+    );
+    h.store().set_paused(false).await.unwrap();
+    let mine = h
+        .store()
+        .push_claimed(NewJob::prompt("u", "streamed"))
+        .await
+        .unwrap()
+        .expect("claimed while running");
+    assert_eq!(mine.job.state, JobState::Active);
+    assert_eq!(mine.lease.job_id, mine.job.id);
+    let first = h.claim().await;
+    assert_eq!(first.job.id, queued.id, "claims skip it");
+    assert!(h.claim_none().await);
+    let c = h.store().counts().await.unwrap();
+    assert_eq!((c.active, c.queued), (2, 0));
+    h.store()
+        .complete(&first.lease, result("first"))
+        .await
+        .unwrap();
+    let done = h
+        .store()
+        .complete(&mine.lease, result("streamed reply"))
+        .await
+        .unwrap();
+    assert_eq!((done.state, done.attempts), (JobState::Completed, 1));
+    // One whose process died before it ran comes back for anyone, its lease no longer good.
+    let abandoned = h
+        .store()
+        .push_claimed(NewJob::prompt("u", "orphan"))
+        .await
+        .unwrap()
+        .expect("claimed");
+    h.reopen().await;
+    h.recover_abandoned_claims().await;
+    let again = h.claim().await;
+    assert_eq!((again.job.id, again.job.attempts), (abandoned.job.id, 0));
+    assert!(matches!(
+        h.store().complete(&abandoned.lease, result("late")).await,
+        Err(StoreError::LeaseLost(_))
+    ));
 }
 
 pub async fn concurrent_claims_hand_out_each_job_exactly_once(h: Harness) {

@@ -295,6 +295,12 @@ pub trait JobStore: Send + Sync {
     /// Adds a job (or returns the job its idempotency key already names). Durable on `Ok`;
     /// reports work to the notifier.
     async fn push(&self, job: NewJob) -> Result<Pushed, StoreError>;
+    /// Adds a job already claimed by this process, for a caller that must run it here (a
+    /// streamed reply runs where its client listens). Durable on `Ok`; no idempotency key.
+    /// `None` while the queue is paused (nothing is claimed then: push it the ordinary way).
+    /// If this process dies, the claim is recovered like any other and the job runs
+    /// elsewhere.
+    async fn push_claimed(&self, job: NewJob) -> Result<Option<Claimed>, StoreError>;
     /// Hands the next due job to exactly one caller, marking it `active` under a fresh lease;
     /// `None` when nothing is due or the queue is paused.
     async fn claim(&self) -> Result<Option<Claimed>, StoreError>;

@@ -372,6 +372,44 @@ impl SledQueue {
         })
     }
 
+    fn push_claimed_sync(&self, new: &NewJob) -> Result<Option<Claimed>, StoreError> {
+        if self.paused.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let now = self.clock.now_ms();
+        let id = new.id.unwrap_or_else(Uuid::new_v4);
+        let mut job = new.to_job(id, now);
+        job.idempotency_key = None;
+        job.state = JobState::Active;
+        job.started_at = Some(now);
+        let mut index = self.lock();
+        if self.jobs.contains_key(id.as_bytes())? {
+            return Err(StoreError::Conflict {
+                id,
+                state: "taken",
+                action: "push",
+                allowed: "a fresh id",
+            });
+        }
+        let seq = index.seq();
+        let lease = index.seq();
+        let record = StoredJob {
+            job,
+            seq,
+            log_pending: false,
+            lease,
+        };
+        self.write(&record)?;
+        index.add(&record);
+        Ok(Some(Claimed {
+            lease: Lease {
+                job_id: id,
+                token: lease,
+            },
+            job: record.job,
+        }))
+    }
+
     /// Moves up to [`PROMOTE_PER_CLAIM`] delayed jobs whose time has come into the ready queue.
     fn promote_due(&self, index: &mut Index) -> Result<(), StoreError> {
         let now = self.clock.now_ms();
@@ -817,6 +855,12 @@ impl JobStore for SledQueue {
             self.durable().await?;
         }
         Ok(pushed)
+    }
+
+    async fn push_claimed(&self, job: NewJob) -> Result<Option<Claimed>, StoreError> {
+        let claimed = self.push_claimed_sync(&job)?;
+        self.durable().await?;
+        Ok(claimed)
     }
 
     async fn claim(&self) -> Result<Option<Claimed>, StoreError> {

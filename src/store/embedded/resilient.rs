@@ -324,6 +324,12 @@ impl JobStore for ResilientQueue {
         self.watch(queue.push(job).await)
     }
 
+    async fn push_claimed(&self, job: NewJob) -> Result<Option<Claimed>, StoreError> {
+        self.accepting_now()?;
+        let queue = self.queue()?;
+        self.watch(queue.push_claimed(job).await)
+    }
+
     async fn claim(&self) -> Result<Option<Claimed>, StoreError> {
         // A broken store cannot mark a job active; the reopen wakes the workers.
         if self.shared.broken().is_some() {

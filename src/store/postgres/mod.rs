@@ -637,6 +637,66 @@ impl JobStore for PgStore {
         })
     }
 
+    async fn push_claimed(&self, new: NewJob) -> Result<Option<Claimed>, StoreError> {
+        let id = new.id.unwrap_or_else(Uuid::new_v4);
+        let sql = format!(
+            "INSERT INTO chatq_jobs (id, seq, user_id, guild_id, conversation_id, request,
+                 priority, max_attempts, state, created_at, run_at, started_at, request_id,
+                 lease_token, lease_owner, lease_expires_at)
+             SELECT $2, nextval('chatq_seq'), $3, $4, $5, $6, $7, $8, 'active',
+                 now.ms, now.ms, now.ms, $9, nextval('chatq_seq'), $10, now.ms + $11
+             FROM (SELECT {now} AS ms) now
+             WHERE NOT (SELECT paused FROM chatq_meta)
+             ON CONFLICT DO NOTHING
+             RETURNING {JOB_COLUMNS}",
+            now = schema::NOW
+        );
+        let request = Json(&new.request);
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&sql).await?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &self.now(),
+                    &id,
+                    &new.user_id,
+                    &new.guild_id,
+                    &new.conversation_id,
+                    &request,
+                    &i64::from(new.priority),
+                    &(new.max_attempts.max(1) as i32),
+                    &new.request_id,
+                    &self.replica,
+                    &self.lease_ms,
+                ],
+            )
+            .await?;
+        let Some(row) = row else {
+            let paused: bool = client
+                .query_one("SELECT paused FROM chatq_meta", &[])
+                .await?
+                .get(0);
+            if paused {
+                return Ok(None);
+            }
+            return Err(StoreError::Conflict {
+                id,
+                state: "taken",
+                action: "push",
+                allowed: "a fresh id",
+            });
+        };
+        self.committed();
+        let token: i64 = row.try_get("lease_token")?;
+        let job = job_from(&row)?;
+        let lease = Lease {
+            job_id: job.id,
+            token: token as u64,
+        };
+        Ok(Some(Claimed { job, lease }))
+    }
+
     async fn claim(&self) -> Result<Option<Claimed>, StoreError> {
         let sql = format!(
             "WITH now AS (SELECT {now} AS ms),
