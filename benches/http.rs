@@ -224,43 +224,16 @@ async fn pg_accept(url: &str, replicas: usize) {
         .send()
         .await
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
     let pids: Vec<u32> = chatqs.iter().map(|c| c.child.id()).collect();
     let cpu_before: Duration = pids.iter().map(|p| cpu_time(*p)).sum();
     let pg_before = postgres_cpu_time();
     let started = Instant::now();
-    let tasks: Vec<_> = (0..64)
-        .map(|c| {
-            let base = chatqs[c % replicas].base.clone();
-            let (stop, count) = (stop.clone(), count.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(8192);
-                let body = json!({"user_id": format!("user-{c}"), "prompt": "What is the capital of France?"});
-                let request = raw_request("POST", &base, "/v1/chat/jobs", Some(&body));
-                let mut connection = RawConnection::open(&base).await;
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    let (status, _) = connection.send(&request).await;
-                    assert_eq!(status, 202);
-                    latencies.push(t.elapsed());
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-                latencies
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
+    let bases: Vec<String> = chatqs.iter().map(|c| c.base.clone()).collect();
+    let (accepted, all) = accept_load(&bases, Duration::from_secs(5)).await;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu: Duration = pids.iter().map(|p| cpu_time(*p)).sum::<Duration>() - cpu_before;
     let pg = postgres_cpu_time() - pg_before;
-    let accepted = count.load(Ordering::Relaxed).max(1);
-    all.sort();
+    let accepted = accepted.max(1);
     row(
         &format!("PostgreSQL: accepted jobs/s, 64 connections, {replicas} replica(s), strict"),
         format!("{:.0}", accepted as f64 / elapsed),
@@ -288,23 +261,8 @@ async fn pg_drain(url: &str, upstream: SocketAddr, replicas: usize) {
         .send()
         .await
         .unwrap();
-    let tasks: Vec<_> = (0..64)
-        .map(|c| {
-            let base = chatqs[c % replicas].base.clone();
-            tokio::spawn(async move {
-                let body = json!({"user_id": format!("user-{c}"), "prompt": "What is the capital of France?"});
-                let request = raw_request("POST", &base, "/v1/chat/jobs", Some(&body));
-                let mut connection = RawConnection::open(&base).await;
-                for _ in 0..n / 64 {
-                    assert_eq!(connection.send(&request).await.0, 202);
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let total = (n / 64 * 64) as u64;
+    let bases: Vec<String> = chatqs.iter().map(|c| c.base.clone()).collect();
+    let total = fill(&bases, n).await;
     let pids: Vec<u32> = chatqs.iter().map(|c| c.child.id()).collect();
     let cpu_before: Duration = pids.iter().map(|p| cpu_time(*p)).sum();
     let pg_before = postgres_cpu_time();
@@ -453,23 +411,15 @@ fn row(name: &str, value: String, p50: Option<f64>, p99: Option<f64>) {
 
 // ---------------------------------------------------------------- benchmarks
 
-async fn accept(durability: &str) {
-    let chatq = Chatq::fresh(None, &["--durability", durability, "--workers", "1"]);
-    let http = client();
-    // Paused, so this measures accepting alone, not the workers competing for the CPU.
-    http.post(format!("{}/v1/queue/pause", chatq.base))
-        .send()
-        .await
-        .unwrap();
+/// 64 keep-alive connections spread over `bases` submit for `run_for`; returns how many
+/// jobs were accepted and every latency, sorted.
+async fn accept_load(bases: &[String], run_for: Duration) -> (u64, Vec<Duration>) {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
-    let run_for = Duration::from_secs(5);
-    let pid = chatq.child.id();
-    let cpu_before = cpu_time(pid);
-    let started = Instant::now();
     let tasks: Vec<_> = (0..64)
         .map(|c| {
-            let (base, stop, count) = (chatq.base.clone(), stop.clone(), count.clone());
+            let base = bases[c % bases.len()].clone();
+            let (stop, count) = (stop.clone(), count.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(8192);
                 let body = json!({"user_id": format!("user-{c}"), "prompt": "What is the capital of France?"});
@@ -492,10 +442,47 @@ async fn accept(durability: &str) {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
+    all.sort();
+    (count.load(Ordering::Relaxed), all)
+}
+
+/// Submits `n` jobs (rounded down to a multiple of 64) over 64 connections spread over
+/// `bases`; returns how many.
+async fn fill(bases: &[String], n: usize) -> u64 {
+    let tasks: Vec<_> = (0..64)
+        .map(|c| {
+            let base = bases[c % bases.len()].clone();
+            tokio::spawn(async move {
+                let body = json!({"user_id": format!("user-{c}"), "prompt": "What is the capital of France?"});
+                let request = raw_request("POST", &base, "/v1/chat/jobs", Some(&body));
+                let mut connection = RawConnection::open(&base).await;
+                for _ in 0..n / 64 {
+                    assert_eq!(connection.send(&request).await.0, 202);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (n / 64 * 64) as u64
+}
+
+async fn accept(durability: &str) {
+    let chatq = Chatq::fresh(None, &["--durability", durability, "--workers", "1"]);
+    let http = client();
+    // Paused, so this measures accepting alone, not the workers competing for the CPU.
+    http.post(format!("{}/v1/queue/pause", chatq.base))
+        .send()
+        .await
+        .unwrap();
+    let run_for = Duration::from_secs(5);
+    let pid = chatq.child.id();
+    let cpu_before = cpu_time(pid);
+    let started = Instant::now();
+    let (accepted, all) = accept_load(std::slice::from_ref(&chatq.base), run_for).await;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_time(pid) - cpu_before;
-    let accepted = count.load(Ordering::Relaxed);
-    all.sort();
     row(
         &format!("accepted jobs/s, 64 connections, {durability}"),
         format!("{:.0}", accepted as f64 / elapsed),
@@ -525,23 +512,7 @@ async fn drain(upstream: SocketAddr, workers: usize) {
         .send()
         .await
         .unwrap();
-    let tasks: Vec<_> = (0..64)
-        .map(|c| {
-            let base = chatq.base.clone();
-            tokio::spawn(async move {
-                let body = json!({"user_id": format!("user-{c}"), "prompt": "What is the capital of France?"});
-                let request = raw_request("POST", &base, "/v1/chat/jobs", Some(&body));
-                let mut connection = RawConnection::open(&base).await;
-                for _ in 0..n / 64 {
-                    assert_eq!(connection.send(&request).await.0, 202);
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let total = (n / 64 * 64) as u64;
+    let total = fill(std::slice::from_ref(&chatq.base), n).await;
     let pid = chatq.child.id();
     let cpu_before = cpu_time(pid);
     let started = Instant::now();

@@ -310,6 +310,27 @@ impl PgStore {
         }
     }
 
+    /// An admin transition of job `id` (`sql` takes the time and the id): the job as it is now,
+    /// or why the job was not in a state that allows `action`.
+    async fn transition(
+        &self,
+        sql: &str,
+        id: Uuid,
+        action: &'static str,
+        allowed: &'static str,
+    ) -> Result<Job, StoreError> {
+        let job = self
+            .query_jobs(sql, &[&self.now(), &id])
+            .await?
+            .into_iter()
+            .next();
+        let Some(job) = job else {
+            return Err(self.conflict(id, action, allowed).await);
+        };
+        self.committed();
+        Ok(job)
+    }
+
     /// Finishes the leased job with `update` (which sets its final or retry state) and logs
     /// it when it ended, in one transaction.
     async fn finish(
@@ -838,15 +859,9 @@ impl JobStore for PgStore {
              RETURNING {JOB_COLUMNS}",
             now = schema::NOW
         );
-        let Some(job) = self
-            .query_jobs(&sql, &[&self.now(), &id])
-            .await?
-            .into_iter()
-            .next()
-        else {
-            return Err(self.conflict(id, "cancel", "queued or delayed").await);
-        };
-        self.committed();
+        let job = self
+            .transition(&sql, id, "cancel", "queued or delayed")
+            .await?;
         self.notifier.job_finished(&job);
         self.announce.done(job.id);
         Ok(job)
@@ -861,15 +876,7 @@ impl JobStore for PgStore {
              RETURNING {JOB_COLUMNS}",
             now = schema::NOW
         );
-        let Some(job) = self
-            .query_jobs(&sql, &[&self.now(), &id])
-            .await?
-            .into_iter()
-            .next()
-        else {
-            return Err(self.conflict(id, "retry", "failed").await);
-        };
-        self.committed();
+        let job = self.transition(&sql, id, "retry", "failed").await?;
         self.notifier.work_available();
         self.announce.work();
         Ok(job)

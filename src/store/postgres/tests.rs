@@ -105,6 +105,21 @@ impl Drop for TestDatabase {
     }
 }
 
+/// The store on `options`' database as one replica opens it, reporting to `signals`.
+async fn open_replica(
+    options: &PostgresOptions,
+    clock: SharedClock,
+    signals: Arc<Signals>,
+) -> Result<PgStore, StoreError> {
+    PgStore::open(
+        StoreOptions::postgres(options.clone()),
+        options,
+        clock,
+        signals,
+    )
+    .await
+}
+
 struct Postgres {
     database: TestDatabase,
 }
@@ -150,8 +165,7 @@ async fn a_newer_schema_is_refused_naming_both_versions() {
     let pool_client = &mut client;
     // First a current schema, then pretend a later release migrated it further.
     let options = database.options();
-    let store = PgStore::open(
-        StoreOptions::postgres(options.clone()),
+    let store = open_replica(
         &options,
         crate::clock::system(),
         Arc::new(Signals::default()),
@@ -163,8 +177,7 @@ async fn a_newer_schema_is_refused_naming_both_versions() {
         .batch_execute("UPDATE chatq_meta SET schema_version = 99")
         .await
         .unwrap();
-    let refused = PgStore::open(
-        StoreOptions::postgres(options.clone()),
+    let refused = open_replica(
         &options,
         crate::clock::system(),
         Arc::new(Signals::default()),
@@ -194,8 +207,7 @@ async fn migrating_twice_or_from_two_replicas_at_once_applies_each_step_once() {
         .map(|_| {
             let options = options.clone();
             tokio::spawn(async move {
-                PgStore::open(
-                    StoreOptions::postgres(options.clone()),
+                open_replica(
                     &options,
                     crate::clock::system(),
                     Arc::new(Signals::default()),
@@ -237,14 +249,9 @@ async fn the_rate_limit_is_one_count_across_replicas() {
     let options = database.options();
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let store = PgStore::open(
-            StoreOptions::postgres(options.clone()),
-            &options,
-            clock.clone(),
-            Arc::new(Signals::default()),
-        )
-        .await
-        .unwrap();
+        let store = open_replica(&options, clock.clone(), Arc::new(Signals::default()))
+            .await
+            .unwrap();
         replicas.push(Arc::new(store));
     }
     let (a, b) = (&replicas[0], &replicas[1]);
@@ -305,14 +312,9 @@ async fn another_replicas_finishes_and_work_reach_this_ones_waiters() {
     let open = |signals: Arc<Signals>| {
         let options = options.clone();
         async move {
-            PgStore::open(
-                StoreOptions::postgres(options.clone()),
-                &options,
-                crate::clock::system(),
-                signals,
-            )
-            .await
-            .unwrap()
+            open_replica(&options, crate::clock::system(), signals)
+                .await
+                .unwrap()
         }
     };
     let (here, there) = (Arc::new(Signals::default()), Arc::new(Signals::default()));
@@ -350,8 +352,7 @@ async fn sslmode_require_encrypts_and_a_ca_file_makes_the_certificate_checked() 
     };
     let mut options = database.options();
     options.url = Secret::new(format!("{}?sslmode=require", database.url));
-    let store = PgStore::open(
-        StoreOptions::postgres(options.clone()),
+    let store = open_replica(
         &options,
         crate::clock::system(),
         Arc::new(Signals::default()),
@@ -384,8 +385,7 @@ async fn sslmode_require_encrypts_and_a_ca_file_makes_the_certificate_checked() 
     };
     options.url = Secret::new(database.url.clone());
     options.ca_file = Some(certificate.into());
-    let refused = PgStore::open(
-        StoreOptions::postgres(options.clone()),
+    let refused = open_replica(
         &options,
         crate::clock::system(),
         Arc::new(Signals::default()),
@@ -403,8 +403,7 @@ async fn sslmode_require_encrypts_and_a_ca_file_makes_the_certificate_checked() 
     let mut by_name = reqwest::Url::parse(&database.url).unwrap();
     by_name.set_host(Some("localhost")).unwrap();
     options.url = Secret::new(by_name.to_string());
-    let verified = PgStore::open(
-        StoreOptions::postgres(options.clone()),
+    let verified = open_replica(
         &options,
         crate::clock::system(),
         Arc::new(Signals::default()),
