@@ -28,6 +28,36 @@ mod schema;
 mod tests;
 mod tls;
 
+#[cfg(test)]
+mod counts_cache_tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_reused_for_a_second_then_taken_again() {
+        let cache = CountsCache::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(cache.fresh(t0), None, "nothing yet");
+        let counts = QueueCounts {
+            queued: 3,
+            ..QueueCounts::default()
+        };
+        cache.put(t0, counts);
+        assert_eq!(cache.fresh(t0 + Duration::from_millis(999)), Some(counts));
+        assert_eq!(
+            cache.fresh(t0 + COUNTS_MAX_AGE),
+            None,
+            "a second old: count again"
+        );
+        cache.put(t0, counts);
+        cache.forget();
+        assert_eq!(
+            cache.fresh(t0),
+            None,
+            "forgotten after this replica's pause or resume"
+        );
+    }
+}
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -59,6 +89,9 @@ const RETENTION_LOCK: i64 = 0x6368_6174_7100_0002;
 const RESCUE_BATCH: i64 = 1_000;
 /// Retention runs at most this often, however often maintenance is called.
 const RETENTION_EVERY_MS: u64 = 1_000;
+/// Counts are one scan of the jobs table; stats pages, `/metrics` and `/readyz` on every
+/// replica poll them, so each replica answers from a count at most this old.
+const COUNTS_MAX_AGE: Duration = Duration::from_secs(1);
 
 const JOB_COLUMNS: &str = "id, user_id, guild_id, conversation_id, request, priority, attempts, \
     max_attempts, state, created_at, run_at, started_at, finished_at, result, error, \
@@ -103,6 +136,30 @@ impl From<PoolError> for StoreError {
                 cause: e.to_string(),
             }),
         }
+    }
+}
+
+/// The last counts one replica took, good for [`COUNTS_MAX_AGE`].
+#[derive(Default)]
+struct CountsCache(std::sync::Mutex<Option<(std::time::Instant, QueueCounts)>>);
+
+impl CountsCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, QueueCounts)>> {
+        // A plain copy is behind it: a poisoned lock is taken as it is.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fresh(&self, now: std::time::Instant) -> Option<QueueCounts> {
+        let (at, counts) = (*self.lock())?;
+        (now.saturating_duration_since(at) < COUNTS_MAX_AGE).then_some(counts)
+    }
+
+    fn put(&self, at: std::time::Instant, counts: QueueCounts) {
+        *self.lock() = Some((at, counts));
+    }
+
+    fn forget(&self) {
+        *self.lock() = None;
     }
 }
 
@@ -208,6 +265,8 @@ pub struct PgStore {
     commits: AtomicU64,
     /// When retention last ran here (ms on the store's clock).
     last_retention: AtomicU64,
+    /// The last counts (only on the wall clock: a test clock gets exact counts every time).
+    counts: CountsCache,
     /// What the other replicas are to hear of.
     announce: Arc<listen::Announcer>,
     // Dropped with the store: stops the announcing and listening tasks.
@@ -250,6 +309,7 @@ impl PgStore {
             notifier,
             commits: AtomicU64::new(0),
             last_retention: AtomicU64::new(0),
+            counts: CountsCache::default(),
             announce,
             _tasks: tasks,
         })
@@ -888,6 +948,8 @@ impl JobStore for PgStore {
             .execute("UPDATE chatq_meta SET paused = $1", &[&paused])
             .await?;
         self.committed();
+        // Whoever paused reads it back at once.
+        self.counts.forget();
         if !paused {
             self.notifier.work_available_for_all();
             self.announce.work();
@@ -917,6 +979,32 @@ impl JobStore for PgStore {
     }
 
     async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        let now = std::time::Instant::now();
+        if self.clock.is_wall_clock() {
+            if let Some(counts) = self.counts.fresh(now) {
+                return Ok(counts);
+            }
+        }
+        let counts = self.count_now().await?;
+        self.counts.put(now, counts);
+        Ok(counts)
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT min(run_at) FROM chatq_jobs WHERE state = 'delayed'",
+                &[],
+            )
+            .await?;
+        Ok(row.try_get::<_, Option<i64>>(0)?.map(ms))
+    }
+}
+
+impl PgStore {
+    /// Counts per state, from one scan.
+    async fn count_now(&self) -> Result<QueueCounts, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -942,17 +1030,6 @@ impl JobStore for PgStore {
             }
         }
         Ok(counts)
-    }
-
-    async fn next_due(&self) -> Result<Option<Millis>, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                "SELECT min(run_at) FROM chatq_jobs WHERE state = 'delayed'",
-                &[],
-            )
-            .await?;
-        Ok(row.try_get::<_, Option<i64>>(0)?.map(ms))
     }
 }
 
