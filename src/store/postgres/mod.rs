@@ -22,6 +22,7 @@
 //! Times come from the database's clock, unless the store was opened on a test clock (see
 //! `schema.rs`). Statements are prepared once per connection (deadpool's statement cache).
 
+mod batch;
 mod listen;
 mod schema;
 #[cfg(test)]
@@ -257,12 +258,17 @@ fn action_name(action: Action) -> &'static str {
 /// The store on PostgreSQL.
 pub struct PgStore {
     pool: Pool,
+    /// For the rate-limit takes only: commits that do not wait for the WAL flush (see
+    /// [`RateLimits::take`]).
+    rate_pool: Pool,
     options: StoreOptions,
     lease_ms: i64,
     replica: String,
     clock: SharedClock,
     notifier: Arc<dyn JobNotifier>,
-    commits: AtomicU64,
+    commits: Arc<AtomicU64>,
+    /// Pushes waiting for the next group commit.
+    batcher: Arc<batch::Batcher>,
     /// When retention last ran here (ms on the store's clock).
     last_retention: AtomicU64,
     /// The last counts (only on the wall clock: a test clock gets exact counts every time).
@@ -281,6 +287,11 @@ impl PgStore {
         clock: SharedClock,
         notifier: Arc<dyn JobNotifier>,
     ) -> Result<Self, StoreError> {
+        let rate = PostgresOptions {
+            pool_size: (pg.pool_size / 2).max(2),
+            ..pg.clone()
+        };
+        let (rate_pool, _, _) = pool(&rate, Durability::Relaxed)?;
         let (pool, config, tls) = pool(pg, options.durability)?;
         let mut client = pool.get().await.map_err(|e| StoreError::Open {
             what: "could not connect to the database (--database-url)".to_owned(),
@@ -293,6 +304,30 @@ impl PgStore {
         // Both tasks hold only handles (the pool, the notifier) and end when the store is
         // dropped; nothing durable happens in them, so nobody needs to await their end.
         tokio::spawn(Arc::clone(&announce).run(pool.clone(), stop.clone()));
+        let commits = Arc::new(AtomicU64::new(0));
+        let batcher = Arc::new(batch::Batcher::default());
+        let on_commit = {
+            let (commits, notifier, announce) = (
+                Arc::clone(&commits),
+                Arc::clone(&notifier),
+                Arc::clone(&announce),
+            );
+            Arc::new(move |inserted: usize| {
+                commits.fetch_add(1, Ordering::Relaxed);
+                if inserted > 0 {
+                    for _ in 0..inserted {
+                        notifier.work_available();
+                    }
+                    announce.work();
+                }
+            })
+        };
+        tokio::spawn(Arc::clone(&batcher).run(
+            pool.clone(),
+            clock.clone(),
+            on_commit,
+            stop.clone(),
+        ));
         tokio::spawn(listen::listen(
             config,
             tls,
@@ -302,12 +337,14 @@ impl PgStore {
         ));
         Ok(Self {
             pool,
+            rate_pool,
             options,
             lease_ms: pg.lease.as_millis() as i64,
             replica: pg.replica.clone(),
             clock,
             notifier,
-            commits: AtomicU64::new(0),
+            commits,
+            batcher,
             last_retention: AtomicU64::new(0),
             counts: CountsCache::default(),
             announce,
@@ -655,50 +692,17 @@ async fn insert_interaction(
 impl JobStore for PgStore {
     async fn push(&self, new: NewJob) -> Result<Pushed, StoreError> {
         let id = new.id.unwrap_or_else(Uuid::new_v4);
-        let sql = format!(
-            "INSERT INTO chatq_jobs (id, seq, user_id, guild_id, conversation_id, request,
-                 priority, max_attempts, state, created_at, run_at, idempotency_key, request_id)
-             SELECT $2, nextval('chatq_seq'), $3, $4, $5, $6, $7, $8,
-                 CASE WHEN $9::bigint > 0 THEN 'delayed' ELSE 'queued' END,
-                 now.ms, now.ms + $9, $10, $11
-             FROM (SELECT {now} AS ms) now
-             ON CONFLICT DO NOTHING
-             RETURNING {JOB_COLUMNS}",
-            now = schema::NOW
-        );
-        let delay = i64::try_from(new.delay_ms).unwrap_or(i64::MAX);
-        let max_attempts = new.max_attempts.max(1) as i32;
-        let request = Json(&new.request);
-        let inserted = self
-            .query_jobs(
-                &sql,
-                &[
-                    &self.now(),
-                    &id,
-                    &new.user_id,
-                    &new.guild_id,
-                    &new.conversation_id,
-                    &request,
-                    &i64::from(new.priority),
-                    &max_attempts,
-                    &delay,
-                    &new.idempotency_key,
-                    &new.request_id,
-                ],
-            )
-            .await?;
-        if let Some(job) = inserted.into_iter().next() {
-            self.committed();
-            self.notifier.work_available();
-            self.announce.work();
+        let (user_id, key) = (new.user_id.clone(), new.idempotency_key.clone());
+        // Committed with whatever else is being pushed at this moment (`batch.rs`).
+        if let Some(job) = self.batcher.push(id, new).await? {
             return Ok(Pushed { job, created: true });
         }
-        if let Some(key) = &new.idempotency_key {
+        if let Some(key) = &key {
             let sql = format!(
                 "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE user_id = $1 AND idempotency_key = $2"
             );
             if let Some(job) = self
-                .query_jobs(&sql, &[&new.user_id, key])
+                .query_jobs(&sql, &[&user_id, key])
                 .await?
                 .into_iter()
                 .next()
@@ -1123,7 +1127,10 @@ impl Maintenance for PgStore {
 
 #[async_trait]
 impl RateLimits for PgStore {
-    /// GCRA in one statement, so every replica counts against the same row: with
+    /// GCRA in one statement, so every replica counts against the same row. Its commit does
+    /// not wait for the WAL to reach the disk: limit state is soft, and a crash of the
+    /// database server forgetting the last moments of counting lets a few requests through,
+    /// while waiting would cost every request a flush of its own. With
     /// T = window / limit and tau = window, a request at `now` is allowed when
     /// max(tat, now) + T - tau <= now, and then moves tat to max(tat, now) + T (the arithmetic of
     /// governor, the in-process limiter). A refused request changes nothing.
@@ -1149,7 +1156,7 @@ impl RateLimits for PgStore {
                     (SELECT tat FROM chatq_rate WHERE key = $2)",
             now = schema::NOW
         );
-        let client = self.client().await?;
+        let client = self.rate_pool.get().await?;
         let statement = client.prepare_cached(&sql).await?;
         let row = client
             .query_one(&statement, &[&self.now(), &key, &t, &tau])

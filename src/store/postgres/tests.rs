@@ -414,3 +414,35 @@ async fn sslmode_require_encrypts_and_a_ca_file_makes_the_certificate_checked() 
         "a certificate that names the host is taken"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_pushes_share_commits() {
+    use crate::domain::NewJob;
+    use crate::store::{JobStore, StoreHealth};
+    let Some(database) = TestDatabase::create().await else {
+        return;
+    };
+    let options = database.options();
+    let store = Arc::new(
+        open_replica(
+            &options,
+            crate::clock::system(),
+            Arc::new(Signals::default()),
+        )
+        .await
+        .unwrap(),
+    );
+    let before = store.status().await.unwrap().commits;
+    let pushes: Vec<_> = (0..64)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.push(NewJob::prompt("u", &format!("{i}"))).await })
+        })
+        .collect();
+    for p in pushes {
+        assert!(p.await.unwrap().unwrap().created);
+    }
+    let commits = store.status().await.unwrap().commits - before;
+    assert!(commits < 32, "64 concurrent pushes took {commits} commits");
+    assert_eq!(store.counts().await.unwrap().queued, 64, "every one is in");
+}
