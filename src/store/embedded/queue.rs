@@ -56,8 +56,7 @@ use crate::domain::{
 use crate::signals::JobNotifier;
 use crate::store::{
     Claimed, Durability, EmbeddedOptions, FailOutcome, InteractionLog, JobStore, Lease,
-    LogRetention, Maintenance, Pushed, RateLimits, RateTake, StoreError, StoreHealth, StoreOptions,
-    StoreStatus,
+    LogRetention, Maintenance, Pushed, StoreError, StoreHealth, StoreOptions, StoreStatus,
 };
 
 const PAUSED_KEY: &[u8] = b"paused";
@@ -971,18 +970,6 @@ impl StoreHealth for SledQueue {
             commits: self.flusher.stats().flushes,
             disk: None,
         })
-    }
-}
-
-#[async_trait]
-impl RateLimits for SledQueue {
-    async fn take(
-        &self,
-        _key: &str,
-        _limit: u32,
-        _window: std::time::Duration,
-    ) -> Result<Option<RateTake>, StoreError> {
-        Ok(None)
     }
 }
 
