@@ -32,7 +32,8 @@ fn refuse(flag: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// How often idle workers look for work on a shared store, which other replicas fill.
+/// How often, on a shared store, idle workers look for work and long-polls and streams look
+/// for their job's finish: other replicas' work may not reach this process's signals.
 pub const SHARED_POLL: Duration = Duration::from_secs(1);
 
 /// Checks a `--database-url`.

@@ -390,7 +390,7 @@ async fn stream_reply(
         deltas,
         finished,
         deadline: Box::pin(tokio::time::sleep(state.config.request_timeout)),
-        poll: state.config.store.is_shared().then_some(jobs::SHARED_POLL),
+        poll: state.config.worker.poll,
         sent: String::new(),
         phase: Phase::Opening,
         closing: VecDeque::new(),

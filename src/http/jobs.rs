@@ -291,10 +291,6 @@ pub struct WaitQuery {
     wait: Option<u64>,
 }
 
-/// How often a long-poll on a shared store re-reads the job: another replica may finish it,
-/// and this process's signals do not hear of that.
-pub const SHARED_POLL: Duration = Duration::from_secs(1);
-
 /// The one long-poll: waits on `subscription` (taken before the job was last read or pushed,
 /// so a finish in between is not missed) until job `id` finishes, `wait` passes or shutdown
 /// begins, then answers the job as the store has it.
@@ -305,7 +301,9 @@ pub async fn await_finish(
     wait: Duration,
 ) -> Result<Job, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
-    let poll = state.config.store.is_shared().then_some(SHARED_POLL);
+    // On a shared store another replica may finish the job, which this process's signals may
+    // miss: re-read it as often as the workers look for work.
+    let poll = state.config.worker.poll;
     let mut listening = true;
     loop {
         let next = poll.map_or(deadline, |p| deadline.min(tokio::time::Instant::now() + p));
