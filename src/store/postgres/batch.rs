@@ -8,7 +8,7 @@
 //! back as `None`; the caller resolves it on its own, as for a single insert.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use tokio::sync::{Notify, oneshot};
 use tokio_postgres::types::Json;
@@ -133,8 +133,9 @@ async fn insert(
         request_ids.push(new.request_id.as_deref());
     }
     // In push order: unnest keeps the arrays' order, and the sequence follows it (FIFO).
-    let sql = format!(
-        "INSERT INTO chatq_jobs (id, seq, user_id, guild_id, conversation_id, request,
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO chatq_jobs (id, seq, user_id, guild_id, conversation_id, request,
              priority, max_attempts, state, created_at, run_at, idempotency_key, request_id)
          SELECT u.id, nextval('chatq_seq'), u.user_id, u.guild_id, u.conversation_id,
              u.request, u.priority, u.max_attempts,
@@ -149,10 +150,11 @@ async fn insert(
          ORDER BY u.ord
          ON CONFLICT DO NOTHING
          RETURNING {JOB_COLUMNS}",
-        now = schema::NOW
-    );
+            now = schema::NOW
+        )
+    });
     let client = pool.get().await?;
-    let statement = client.prepare_cached(&sql).await?;
+    let statement = client.prepare_cached(SQL.as_str()).await?;
     let rows = client
         .query(
             &statement,

@@ -59,8 +59,8 @@ mod counts_cache_tests {
     }
 }
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -94,6 +94,8 @@ const RETENTION_EVERY_MS: u64 = 1_000;
 /// replica poll them, so each replica answers from a count at most this old.
 const COUNTS_MAX_AGE: Duration = Duration::from_secs(1);
 
+// Statement texts are constant, so each is formatted once (a `static LazyLock` where it is
+// used), not per call: they run per job, and deadpool's statement cache is keyed by them.
 const JOB_COLUMNS: &str = "id, user_id, guild_id, conversation_id, request, priority, attempts, \
     max_attempts, state, created_at, run_at, started_at, finished_at, result, error, \
     idempotency_key, request_id, lease_token";
@@ -459,17 +461,19 @@ impl PgStore {
     /// Puts back claims whose lease ran out; returns how many.
     async fn rescue(&self) -> Result<u64, StoreError> {
         let client = self.client().await?;
-        let sql = format!(
-            "WITH now AS (SELECT {now} AS ms),
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH now AS (SELECT {now} AS ms),
              stale AS (SELECT id FROM chatq_jobs
                  WHERE state = 'active' AND lease_expires_at < (SELECT ms FROM now)
                  ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
              UPDATE chatq_jobs j SET state = 'queued', rescues = j.rescues + 1,
                  lease_owner = NULL, lease_expires_at = NULL
              FROM stale WHERE j.id = stale.id",
-            now = schema::NOW
-        );
-        let statement = client.prepare_cached(&sql).await?;
+                now = schema::NOW
+            )
+        });
+        let statement = client.prepare_cached(SQL.as_str()).await?;
         let rescued = client
             .execute(&statement, &[&self.now(), &RESCUE_BATCH])
             .await?;
@@ -585,11 +589,13 @@ fn read_finished(pool: Pool, notifier: Arc<dyn JobNotifier>) -> listen::ReadFini
         Box::pin(async move {
             let read = async {
                 let client = pool.get().await?;
-                let sql = format!(
-                    "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE id = ANY($1)
+                static SQL: LazyLock<String> = LazyLock::new(|| {
+                    format!(
+                        "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE id = ANY($1)
                      AND state IN ('completed', 'failed', 'cancelled')"
-                );
-                let rows = client.query(&sql, &[&ids]).await?;
+                    )
+                });
+                let rows = client.query(SQL.as_str(), &[&ids]).await?;
                 rows.iter()
                     .map(job_from)
                     .collect::<Result<Vec<_>, StoreError>>()
@@ -698,11 +704,13 @@ impl JobStore for PgStore {
             return Ok(Pushed { job, created: true });
         }
         if let Some(key) = &key {
-            let sql = format!(
-                "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE user_id = $1 AND idempotency_key = $2"
-            );
+            static SQL: LazyLock<String> = LazyLock::new(|| {
+                format!(
+                    "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE user_id = $1 AND idempotency_key = $2"
+                )
+            });
             if let Some(job) = self
-                .query_jobs(&sql, &[&user_id, key])
+                .query_jobs(SQL.as_str(), &[&user_id, key])
                 .await?
                 .into_iter()
                 .next()
@@ -724,8 +732,9 @@ impl JobStore for PgStore {
 
     async fn push_claimed(&self, new: NewJob) -> Result<Option<Claimed>, StoreError> {
         let id = new.id.unwrap_or_else(Uuid::new_v4);
-        let sql = format!(
-            "INSERT INTO chatq_jobs (id, seq, user_id, guild_id, conversation_id, request,
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "INSERT INTO chatq_jobs (id, seq, user_id, guild_id, conversation_id, request,
                  priority, max_attempts, state, created_at, run_at, started_at, request_id,
                  lease_token, lease_owner, lease_expires_at)
              SELECT $2, nextval('chatq_seq'), $3, $4, $5, $6, $7, $8, 'active',
@@ -734,11 +743,12 @@ impl JobStore for PgStore {
              WHERE NOT (SELECT paused FROM chatq_meta)
              ON CONFLICT DO NOTHING
              RETURNING {JOB_COLUMNS}",
-            now = schema::NOW
-        );
+                now = schema::NOW
+            )
+        });
         let request = Json(&new.request);
         let client = self.client().await?;
-        let statement = client.prepare_cached(&sql).await?;
+        let statement = client.prepare_cached(SQL.as_str()).await?;
         let row = client
             .query_opt(
                 &statement,
@@ -783,8 +793,9 @@ impl JobStore for PgStore {
     }
 
     async fn claim(&self) -> Result<Option<Claimed>, StoreError> {
-        let sql = format!(
-            "WITH now AS (SELECT {now} AS ms),
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH now AS (SELECT {now} AS ms),
              next AS (SELECT id FROM chatq_jobs
                  WHERE state IN ('queued', 'delayed') AND run_at <= (SELECT ms FROM now)
                    AND NOT (SELECT paused FROM chatq_meta)
@@ -794,15 +805,16 @@ impl JobStore for PgStore {
                  lease_expires_at = (SELECT ms FROM now) + $3
              FROM next WHERE j.id = next.id
              RETURNING {columns}",
-            now = schema::NOW,
-            columns = JOB_COLUMNS
-                .split(", ")
-                .map(|c| format!("j.{}", c.trim()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+                now = schema::NOW,
+                columns = JOB_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("j.{}", c.trim()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        });
         let client = self.client().await?;
-        let statement = client.prepare_cached(&sql).await?;
+        let statement = client.prepare_cached(SQL.as_str()).await?;
         let row = client
             .query_opt(&statement, &[&self.now(), &self.replica, &self.lease_ms])
             .await?;
@@ -825,15 +837,17 @@ impl JobStore for PgStore {
         }
         let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id).collect();
         let tokens: Vec<i64> = leases.iter().map(|l| l.token as i64).collect();
-        let sql = format!(
-            "UPDATE chatq_jobs j SET lease_expires_at = {now} + $4
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE chatq_jobs j SET lease_expires_at = {now} + $4
              FROM unnest($2::uuid[], $3::bigint[]) AS h(id, token)
              WHERE j.id = h.id AND j.lease_token = h.token AND j.state = 'active'
              RETURNING j.id, j.lease_token",
-            now = schema::NOW
-        );
+                now = schema::NOW
+            )
+        });
         let client = self.client().await?;
-        let statement = client.prepare_cached(&sql).await?;
+        let statement = client.prepare_cached(SQL.as_str()).await?;
         let rows = client
             .query(&statement, &[&self.now(), &ids, &tokens, &self.lease_ms])
             .await?;
@@ -851,18 +865,20 @@ impl JobStore for PgStore {
     }
 
     async fn complete(&self, lease: &Lease, result: JobResult) -> Result<Job, StoreError> {
-        let sql = format!(
-            "UPDATE chatq_jobs SET state = 'completed', attempts = attempts + 1,
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE chatq_jobs SET state = 'completed', attempts = attempts + 1,
                  finished_at = {now}, result = $4, error = NULL, lease_expires_at = NULL
              WHERE id = $2 AND state = 'active' AND lease_token = $3
              RETURNING {JOB_COLUMNS}",
-            now = schema::NOW
-        );
+                now = schema::NOW
+            )
+        });
         let result = Json(&result);
         let job = self
             .finish(
                 lease,
-                &sql,
+                SQL.as_str(),
                 &[&self.now(), &lease.job_id, &(lease.token as i64), &result],
             )
             .await?;
@@ -877,7 +893,8 @@ impl JobStore for PgStore {
         error: JobError,
         retry_in: Option<u64>,
     ) -> Result<(Job, FailOutcome), StoreError> {
-        let sql = format!(
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
             "UPDATE chatq_jobs SET attempts = attempts + 1, error = $4, lease_expires_at = NULL,
                  state = CASE WHEN $5::bigint IS NOT NULL AND attempts + 1 < max_attempts
                      THEN 'delayed' ELSE 'failed' END,
@@ -888,13 +905,14 @@ impl JobStore for PgStore {
              WHERE id = $2 AND state = 'active' AND lease_token = $3
              RETURNING {JOB_COLUMNS}",
             now = schema::NOW
-        );
+        )
+        });
         let retry_in = retry_in.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX));
         let error = Json(&error);
         let job = self
             .finish(
                 lease,
-                &sql,
+                SQL.as_str(),
                 &[
                     &self.now(),
                     &lease.job_id,
@@ -917,14 +935,16 @@ impl JobStore for PgStore {
     }
 
     async fn cancel(&self, id: Uuid) -> Result<Job, StoreError> {
-        let sql = format!(
-            "UPDATE chatq_jobs SET state = 'cancelled', finished_at = {now}
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE chatq_jobs SET state = 'cancelled', finished_at = {now}
              WHERE id = $2 AND state IN ('queued', 'delayed')
              RETURNING {JOB_COLUMNS}",
-            now = schema::NOW
-        );
+                now = schema::NOW
+            )
+        });
         let job = self
-            .transition(&sql, id, "cancel", "queued or delayed")
+            .transition(SQL.as_str(), id, "cancel", "queued or delayed")
             .await?;
         self.notifier.job_finished(&job);
         self.announce.done(job.id);
@@ -932,15 +952,17 @@ impl JobStore for PgStore {
     }
 
     async fn retry(&self, id: Uuid) -> Result<Job, StoreError> {
-        let sql = format!(
-            "UPDATE chatq_jobs SET state = 'queued', attempts = 0, error = NULL,
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE chatq_jobs SET state = 'queued', attempts = 0, error = NULL,
                  started_at = NULL, finished_at = NULL, run_at = {now},
                  seq = nextval('chatq_seq')
              WHERE id = $2 AND state = 'failed'
              RETURNING {JOB_COLUMNS}",
-            now = schema::NOW
-        );
-        let job = self.transition(&sql, id, "retry", "failed").await?;
+                now = schema::NOW
+            )
+        });
+        let job = self.transition(SQL.as_str(), id, "retry", "failed").await?;
         self.notifier.work_available();
         self.announce.work();
         Ok(job)
@@ -962,8 +984,13 @@ impl JobStore for PgStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
-        let sql = format!("SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE id = $1");
-        Ok(self.query_jobs(&sql, &[&id]).await?.into_iter().next())
+        static SQL: LazyLock<String> =
+            LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE id = $1"));
+        Ok(self
+            .query_jobs(SQL.as_str(), &[&id])
+            .await?
+            .into_iter()
+            .next())
     }
 
     async fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, StoreError> {
@@ -1143,8 +1170,9 @@ impl RateLimits for PgStore {
         let limit = limit.max(1);
         let tau = (window.as_millis() as i64).max(1);
         let t = (tau / i64::from(limit)).max(1);
-        let sql = format!(
-            "WITH cur AS (SELECT {now} AS now),
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH cur AS (SELECT {now} AS now),
              up AS (INSERT INTO chatq_rate AS r (key, tat)
                     SELECT $2, cur.now + $3 FROM cur
                     ON CONFLICT (key) DO UPDATE
@@ -1154,10 +1182,11 @@ impl RateLimits for PgStore {
                     RETURNING r.tat)
              SELECT (SELECT tat FROM up), (SELECT now FROM cur),
                     (SELECT tat FROM chatq_rate WHERE key = $2)",
-            now = schema::NOW
-        );
+                now = schema::NOW
+            )
+        });
         let client = self.rate_pool.get().await?;
-        let statement = client.prepare_cached(&sql).await?;
+        let statement = client.prepare_cached(SQL.as_str()).await?;
         let row = client
             .query_one(&statement, &[&self.now(), &key, &t, &tau])
             .await?;
