@@ -30,7 +30,7 @@ mod tests;
 mod tls;
 
 #[cfg(test)]
-mod counts_cache_tests {
+mod upkeep_tests {
     use super::*;
 
     #[test]
@@ -56,6 +56,34 @@ mod counts_cache_tests {
             None,
             "forgotten after this replica's pause or resume"
         );
+    }
+
+    /// A settable clock that says it is the wall clock.
+    #[derive(Debug, Default)]
+    struct Wall(AtomicU64);
+
+    impl crate::clock::Clock for Wall {
+        fn now_ms(&self) -> Millis {
+            self.0.load(Ordering::SeqCst)
+        }
+
+        fn is_wall_clock(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn upkeep_runs_at_its_own_pace_on_the_wall_clock_and_always_on_a_test_clock() {
+        let wall = Wall(AtomicU64::new(1_000_000));
+        let every = Every::new(7_500);
+        assert!(every.due(&wall), "the first time");
+        wall.0.fetch_add(7_499, Ordering::SeqCst);
+        assert!(!every.due(&wall));
+        wall.0.fetch_add(1, Ordering::SeqCst);
+        assert!(every.due(&wall), "once the interval has passed");
+        assert!(!every.due(&wall));
+        let test_clock = crate::clock::ManualClock::new(1_000_000);
+        assert!(every.due(test_clock.as_ref()) && every.due(test_clock.as_ref()));
     }
 }
 
@@ -139,6 +167,33 @@ impl From<PoolError> for StoreError {
                 cause: e.to_string(),
             }),
         }
+    }
+}
+
+/// Lets a piece of upkeep run at most once per `every_ms` on the wall clock. On a test clock
+/// it is always due: tests call maintenance to make it happen.
+struct Every {
+    every_ms: u64,
+    /// When it last ran (ms on the store's clock; 0: never).
+    last: AtomicU64,
+}
+
+impl Every {
+    fn new(every_ms: u64) -> Self {
+        Self {
+            every_ms,
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn due(&self, clock: &dyn crate::clock::Clock) -> bool {
+        let now = clock.now_ms();
+        let last = self.last.load(Ordering::Relaxed);
+        if clock.is_wall_clock() && last != 0 && now.saturating_sub(last) < self.every_ms {
+            return false;
+        }
+        self.last.store(now.max(1), Ordering::Relaxed);
+        true
     }
 }
 
@@ -271,8 +326,9 @@ pub struct PgStore {
     commits: Arc<AtomicU64>,
     /// Pushes waiting for the next group commit.
     batcher: Arc<batch::Batcher>,
-    /// When retention last ran here (ms on the store's clock).
-    last_retention: AtomicU64,
+    /// How often maintenance puts back abandoned claims, and applies retention.
+    rescue_every: Every,
+    retention_every: Every,
     /// The last counts (only on the wall clock: a test clock gets exact counts every time).
     counts: CountsCache,
     /// What the other replicas are to hear of.
@@ -347,7 +403,9 @@ impl PgStore {
             notifier,
             commits,
             batcher,
-            last_retention: AtomicU64::new(0),
+            // A dead replica's jobs come back within a quarter of the lease after it ran out.
+            rescue_every: Every::new(pg.lease.as_millis() as u64 / 4),
+            retention_every: Every::new(RETENTION_EVERY_MS),
             counts: CountsCache::default(),
             announce,
             _tasks: tasks,
@@ -1135,14 +1193,13 @@ impl InteractionLog for PgStore {
 #[async_trait]
 impl Maintenance for PgStore {
     async fn prune(&self) -> Result<u64, StoreError> {
-        self.rescue().await?;
-        let now = self.clock.now_ms();
-        let last = self.last_retention.load(Ordering::Relaxed);
-        if last != 0 && now.saturating_sub(last) < RETENTION_EVERY_MS && self.clock.is_wall_clock()
-        {
+        // The app calls this every 100 ms; both steps are queries: run each at its own pace.
+        if self.rescue_every.due(self.clock.as_ref()) {
+            self.rescue().await?;
+        }
+        if !self.retention_every.due(self.clock.as_ref()) {
             return Ok(0);
         }
-        self.last_retention.store(now.max(1), Ordering::Relaxed);
         self.retention().await
     }
 
