@@ -256,6 +256,14 @@ impl MockUpstream {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// The environment that points a `chatq serve` process at this mock.
+    pub fn env(&self) -> [(&'static str, String); 2] {
+        [
+            ("OPENAI_API_KEY", "test-key".to_owned()),
+            ("OPENAI_BASE_URL", format!("http://{}/v1", self.addr)),
+        ]
+    }
+
     pub fn config(&self, timeout: Duration) -> UpstreamConfig {
         UpstreamConfig {
             base_url: format!("http://{}/v1", self.addr),

@@ -217,10 +217,7 @@ async fn a_streamed_reply_runs_on_the_replica_that_accepted_it() {
     let upstream = MockUpstream::start().await;
     // The first request holds B's only worker for 2 s; everything after answers at once.
     upstream.script([Reply::slow("slow one", Duration::from_secs(2))]);
-    let env = [
-        ("OPENAI_API_KEY", "test-key".to_owned()),
-        ("OPENAI_BASE_URL", format!("http://{}/v1", upstream.addr)),
-    ];
+    let env = upstream.env();
     let dir = tempfile::tempdir().unwrap();
     let args = ["--database-url", db.url.as_str(), "--workers", "1"];
     let (mut b, base_b) = start_chatq_with_env(&dir.path().join("b"), &args, &env);
@@ -288,10 +285,7 @@ async fn a_long_poll_hears_of_another_replicas_finish_within_200_ms() {
     };
     let upstream = MockUpstream::start().await;
     upstream.script([Reply::slow("slow one", Duration::from_secs(20))]);
-    let env = [
-        ("OPENAI_API_KEY", "test-key".to_owned()),
-        ("OPENAI_BASE_URL", format!("http://{}/v1", upstream.addr)),
-    ];
+    let env = upstream.env();
     let dir = tempfile::tempdir().unwrap();
     let args = ["--database-url", db.url.as_str(), "--workers", "1"];
     let (mut a, base_a) = start_chatq_with_env(&dir.path().join("a"), &args, &env);
@@ -533,10 +527,7 @@ async fn three_replicas_one_killed_mid_run_lose_nothing_and_log_each_job_once() 
     let upstream = MockUpstream::start().await;
     // Slow enough that jobs are in flight on every replica when one dies.
     upstream.set_default(Reply::slow("done", Duration::from_millis(40)));
-    let env = [
-        ("OPENAI_API_KEY", "test-key".to_owned()),
-        ("OPENAI_BASE_URL", format!("http://{}/v1", upstream.addr)),
-    ];
+    let env = upstream.env();
     let dir = tempfile::tempdir().unwrap();
     let lease_secs = 3;
     let start = |name: &str| {
