@@ -233,6 +233,18 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// A push with a pre-assigned id that another job already has.
+    pub fn id_taken(id: Uuid) -> Self {
+        Self::Conflict {
+            id,
+            state: "taken",
+            action: "push",
+            allowed: "a fresh id",
+        }
+    }
+}
+
 /// Why a store cannot take work now.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Unavailable {

@@ -341,12 +341,7 @@ impl SledQueue {
             }
         }
         if new.id.is_some() && self.jobs.contains_key(id.as_bytes())? {
-            return Err(StoreError::Conflict {
-                id,
-                state: "taken",
-                action: "push",
-                allowed: "a fresh id",
-            });
+            return Err(StoreError::id_taken(id));
         }
         record.seq = index.seq();
         if new.id.is_none() && new.idempotency_key.is_none() {
@@ -383,12 +378,7 @@ impl SledQueue {
         job.started_at = Some(now);
         let mut index = self.lock();
         if self.jobs.contains_key(id.as_bytes())? {
-            return Err(StoreError::Conflict {
-                id,
-                state: "taken",
-                action: "push",
-                allowed: "a fresh id",
-            });
+            return Err(StoreError::id_taken(id));
         }
         let seq = index.seq();
         let lease = index.seq();

@@ -780,12 +780,7 @@ impl JobStore for PgStore {
             }
         }
         // Not the key, so the id: a pre-assigned id that is already taken.
-        Err(StoreError::Conflict {
-            id,
-            state: "taken",
-            action: "push",
-            allowed: "a fresh id",
-        })
+        Err(StoreError::id_taken(id))
     }
 
     async fn push_claimed(&self, new: NewJob) -> Result<Option<Claimed>, StoreError> {
@@ -833,12 +828,7 @@ impl JobStore for PgStore {
             if paused {
                 return Ok(None);
             }
-            return Err(StoreError::Conflict {
-                id,
-                state: "taken",
-                action: "push",
-                allowed: "a fresh id",
-            });
+            return Err(StoreError::id_taken(id));
         };
         self.committed();
         let token: i64 = row.try_get("lease_token")?;
