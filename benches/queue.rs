@@ -138,6 +138,7 @@ async fn claim_complete(total: usize, workers: usize) -> f64 {
                         usage: None,
                         processed_at: 0,
                         upstream_latency_ms: Some(1),
+                        cached: false,
                     };
                     queue.complete(&claimed.lease, result).await.unwrap();
                     n += 1;
@@ -173,6 +174,7 @@ async fn bytes_per_record(n: usize) -> (f64, f64) {
             usage: None,
             processed_at: 0,
             upstream_latency_ms: Some(120),
+            cached: false,
         };
         queue.complete(&claimed.lease, result).await.unwrap();
     }

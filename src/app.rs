@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bot::{ChatBot, Personalities, Upstream};
+use crate::cache::ResponseCache;
 use crate::clock::{self, SharedClock};
 use crate::config::Config;
 use crate::http::{self, AppState, Shared};
@@ -72,10 +73,18 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let limiter = Arc::new(UserLimiter::new(config.rate_limit, config.rate_window));
         let config = Arc::new(config);
+        let cache = Arc::new(ResponseCache::new(
+            Arc::clone(&store),
+            Arc::clone(&bot),
+            Arc::clone(&metrics),
+            clock.clone(),
+            config.cache_ttl,
+        ));
         let worker = Arc::new(Worker::new(
             Arc::clone(&store),
             Arc::clone(&signals),
             Arc::clone(&bot),
+            Arc::clone(&cache),
             Arc::clone(&metrics),
             clock,
             config.worker.clone(),
@@ -89,6 +98,7 @@ impl App {
             limiter,
             metrics,
             bot,
+            cache,
             config,
             workers_running: AtomicBool::new(true),
             shutdown: shutdown.clone(),

@@ -163,6 +163,13 @@ pub struct ServeArgs {
     /// Drop interaction-log entries older than this many days (default: keep).
     #[arg(long, env = "CHATQ_LOG_MAX_AGE_DAYS")]
     pub log_max_age_days: Option<u64>,
+    /// How long a reply stays in the response cache, in seconds; 0 (the default) leaves the
+    /// cache off. Identical requests in a guild within it are answered without an upstream call.
+    #[arg(long, env = "CHATQ_CACHE_TTL_SECS", default_value_t = defaults::CACHE_TTL_SECS, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub cache_ttl_secs: u64,
+    /// Replies the response cache keeps at most; the oldest go first.
+    #[arg(long, env = "CHATQ_CACHE_MAX_ENTRIES", default_value_t = defaults::CACHE_MAX_ENTRIES, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub cache_max_entries: u64,
     /// Requests handled at once; more wait their turn.
     #[arg(long, env = "CHATQ_MAX_CONCURRENT_REQUESTS", default_value_t = defaults::MAX_CONCURRENT_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_concurrent_requests: u32,

@@ -84,6 +84,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Refuse `system` messages from clients of `/v1/chat/completions`.
     pub refuse_client_system: bool,
+    /// How long replies stay in the response cache; zero: off.
+    pub cache_ttl: Duration,
 }
 
 fn token(flag: &'static str, value: Option<String>) -> Result<Option<Secret>, ConfigError> {
@@ -120,6 +122,7 @@ impl Config {
             max_concurrent_requests: defaults::MAX_CONCURRENT_REQUESTS as usize,
             request_timeout: Duration::from_secs(defaults::REQUEST_TIMEOUT_SECS),
             refuse_client_system: false,
+            cache_ttl: Duration::from_secs(defaults::CACHE_TTL_SECS),
         }
     }
 
@@ -167,6 +170,7 @@ impl Config {
         };
         store.keep_completed = args.keep_completed;
         store.keep_failed = args.keep_failed;
+        store.cache_max_entries = args.cache_max_entries;
         if let Backend::Embedded(embedded) = &mut store.backend {
             embedded.min_free_bytes = args.min_free_disk_mb.saturating_mul(1024 * 1024);
         }
@@ -203,6 +207,7 @@ impl Config {
             max_concurrent_requests: args.max_concurrent_requests as usize,
             request_timeout: Duration::from_secs(args.request_timeout_secs),
             refuse_client_system: args.refuse_client_system,
+            cache_ttl: Duration::from_secs(args.cache_ttl_secs),
         })
     }
 

@@ -44,3 +44,7 @@ pub const REQUEST_TIMEOUT_SECS: u64 = 90;
 pub const LEASE_SECS: u64 = 30;
 /// `--database-pool-size`: connections per replica to a shared store.
 pub const DATABASE_POOL_SIZE: u32 = 16;
+/// `--cache-ttl-secs`: 0 leaves the response cache off.
+pub const CACHE_TTL_SECS: u64 = 0;
+/// `--cache-max-entries`
+pub const CACHE_MAX_ENTRIES: u64 = 10_000;

@@ -24,6 +24,7 @@
 
 pub mod app;
 pub mod bot;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -34,6 +34,11 @@ pub struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: String,
     pub status: u16,
@@ -64,6 +69,8 @@ pub struct Metrics {
     pub disk_accepting: Gauge,
     pub store_reopens: Gauge,
     pub store_up: Gauge,
+    pub cache_requests: Family<ResultLabel, Counter>,
+    pub cache_entries: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -100,6 +107,8 @@ impl Metrics {
             disk_accepting: Gauge::default(),
             store_reopens: Gauge::default(),
             store_up: Gauge::default(),
+            cache_requests: Family::default(),
+            cache_entries: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -192,7 +201,28 @@ impl Metrics {
             "Times the store was reopened after a disk error",
             m.store_reopens.clone(),
         );
+        registry.register(
+            "cache_requests",
+            "Jobs the response cache had a say in, by whether their reply came from it",
+            m.cache_requests.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Replies in the response cache",
+            m.cache_entries.clone(),
+        );
+        // Both results from the start, so a hit ratio is defined before the first request.
+        for result in ["hit", "miss"] {
+            drop(m.cache_requests.get_or_create(&ResultLabel { result }));
+        }
         Self { registry, ..m }
+    }
+
+    /// Counts one job's cache result (`hit` or `miss`).
+    pub fn cache_request(&self, result: &'static str) {
+        self.cache_requests
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     pub fn job_completed(&self, used_fallback: bool) {
@@ -265,6 +295,10 @@ impl Metrics {
         }
         self.disk_accepting
             .set(i64::from(store.accepting().await.is_ok()));
+        if let Ok(entries) = store.cache_len().await {
+            self.cache_entries
+                .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -14,6 +14,11 @@
 //! `Retry-After` longer than that wins; both are capped at `backoff_cap` (60 s). The store
 //! enforces `max_attempts`. The decision is [`decide`], a pure function.
 //!
+//! The response cache (`crate::cache`): before a job goes upstream, the worker looks for its
+//! reply in the cache, and joins the flight of its key: an identical job already running in
+//! this process leads, this one waits (holding its lease) and finishes from what the leader
+//! landed. A leader whose reply is worth keeping stores it before anyone is told.
+//!
 //! When the upstream gives up for good, [`FailurePolicy`] decides: `Fail` (the default, as the
 //! replaced system did) ends the job `failed` with `openai_error`; `Fallback` completes it with
 //! the personality's canned reply, marked `used_fallback: true`.
@@ -32,6 +37,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bot::{BotError, ChatBot, UpstreamError};
+use crate::cache::{self, Flight, ResponseCache, Terms, Verdict};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Job, JobResult};
 use crate::metrics::Metrics;
@@ -146,6 +152,7 @@ pub struct Worker {
     store: Arc<dyn Store>,
     signals: Arc<Signals>,
     bot: Arc<ChatBot>,
+    cache: Arc<ResponseCache>,
     metrics: Arc<Metrics>,
     clock: SharedClock,
     config: WorkerConfig,
@@ -170,6 +177,7 @@ impl Worker {
         store: Arc<dyn Store>,
         signals: Arc<Signals>,
         bot: Arc<ChatBot>,
+        cache: Arc<ResponseCache>,
         metrics: Arc<Metrics>,
         clock: SharedClock,
         config: WorkerConfig,
@@ -178,6 +186,7 @@ impl Worker {
             store,
             signals,
             bot,
+            cache,
             metrics,
             clock,
             config,
@@ -239,6 +248,15 @@ impl Worker {
         self.metrics
             .queue_wait
             .observe(now.saturating_sub(due) as f64 / 1_000.0);
+        let terms = self.cache.terms(job.guild_id.as_deref(), &job.request);
+        let mut leader = None;
+        if let Some(terms) = &terms {
+            match self.consult(terms, lease).await {
+                Consulted::Hit(result) => return self.complete_cached(&lease, result).await,
+                Consulted::Lead(lead) => leader = Some(lead),
+                Consulted::Lost => return Ok(self.lost(job.id)),
+            }
+        }
         let started = Instant::now();
         let sink = self.signals.streams.sink(job.id);
         let outcome = tokio::select! {
@@ -255,6 +273,10 @@ impl Worker {
             };
             self.metrics
                 .upstream_request(&status, latency.as_secs_f64());
+        }
+        if let (Some(terms), Some(leader), Ok(result)) = (&terms, leader, &outcome) {
+            // Stored before the job completes, so whoever hears of the completion finds it.
+            leader.land(self.cache.keep(terms, result).await);
         }
         let error = match outcome {
             Ok(result) => return self.complete(&lease, result).await,
@@ -286,6 +308,45 @@ impl Worker {
         }
     }
 
+    /// Looks for the job's reply in the cache, then in this process's flights: a hit, the
+    /// lead of the key's flight, or the lease lost while following another's.
+    async fn consult(&self, terms: &Terms, lease: Lease) -> Consulted<'_> {
+        loop {
+            if let Some(result) = self.cache.lookup(terms).await {
+                self.cache.count(Verdict::Hit);
+                return Consulted::Hit(result);
+            }
+            match self.cache.join(terms.key) {
+                Flight::Lead(leader) => {
+                    self.cache.count(Verdict::Miss);
+                    return Consulted::Lead(leader);
+                }
+                Flight::Follow(rx) => {
+                    let landed = tokio::select! {
+                        landed = cache::follow(rx) => landed,
+                        () = self.hold(lease) => return Consulted::Lost,
+                    };
+                    if let Some(reply) = landed {
+                        self.cache.count(Verdict::Hit);
+                        return Consulted::Hit(self.cache.result_from(reply));
+                    }
+                    // The call it followed left nothing to share: look again, maybe lead.
+                }
+            }
+        }
+    }
+
+    async fn complete_cached(
+        &self,
+        lease: &Lease,
+        result: JobResult,
+    ) -> Result<Processed, StoreError> {
+        let done = self.store.complete(lease, result).await?;
+        self.metrics.job_completed(false);
+        tracing::info!("job completed from the response cache");
+        Ok(Processed::Completed(done))
+    }
+
     async fn complete(&self, lease: &Lease, result: JobResult) -> Result<Processed, StoreError> {
         let used_fallback = result.used_fallback;
         let done = self.store.complete(lease, result).await?;
@@ -313,6 +374,13 @@ impl Worker {
             }
         }
     }
+}
+
+/// What [`Worker::consult`] found.
+enum Consulted<'a> {
+    Hit(JobResult),
+    Lead(cache::Leader<'a>),
+    Lost,
 }
 
 /// Jobs claimed elsewhere in this process for the pool to run (a streamed reply's: it runs

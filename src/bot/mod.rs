@@ -13,7 +13,7 @@ pub mod upstream;
 use std::time::Duration;
 
 use crate::clock::SharedClock;
-use crate::domain::{Job, JobError, JobResult};
+use crate::domain::{ChatRequest, Job, JobError, JobResult};
 use crate::signals::DeltaSender;
 pub use personality::{Personalities, Personality};
 pub use upstream::{Upstream, UpstreamConfig, UpstreamError};
@@ -73,6 +73,18 @@ impl BotError {
     }
 }
 
+/// What one job asks of the upstream (see [`ChatBot::plan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamPlan {
+    /// The personality's name, after resolving the default.
+    pub personality: String,
+    pub model: String,
+    /// The system prompt first, then history and the prompt, as sent.
+    pub messages: Vec<prompt::WireMessage>,
+    pub max_tokens: u32,
+    pub temperature: f32,
+}
+
 /// The chat bot. Build once; share behind an `Arc`.
 #[derive(Debug)]
 pub struct ChatBot {
@@ -127,6 +139,22 @@ impl ChatBot {
             usage: None,
             processed_at: self.clock.now_ms(),
             upstream_latency_ms: None,
+            cached: false,
+        }
+    }
+
+    /// What `request` in `guild_id` asks of the upstream, decided before any call: the
+    /// personality, model, sampling and the full message list. [`ChatBot::ask`] sends exactly
+    /// this, and the response cache keys on it, so the two cannot disagree about what shapes
+    /// a reply.
+    pub fn plan(&self, guild_id: Option<&str>, request: &ChatRequest) -> UpstreamPlan {
+        let personality = self.personalities.resolve(request.personality.as_deref());
+        UpstreamPlan {
+            personality: personality.name.clone(),
+            model: self.model.clone(),
+            messages: prompt::build_messages(guild_id, personality, request),
+            max_tokens: request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            temperature: request.temperature.unwrap_or(personality.temperature),
         }
     }
 
@@ -147,16 +175,12 @@ impl ChatBot {
             }
             return Ok(result);
         };
-        let personality = self
-            .personalities
-            .resolve(job.request.personality.as_deref());
-        let request = &job.request;
-        let messages = prompt::build_messages(job.guild_id.as_deref(), personality, request);
+        let plan = self.plan(job.guild_id.as_deref(), &job.request);
         let mut call = upstream::CompletionRequest {
-            model: &self.model,
-            messages: &messages,
-            max_tokens: request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-            temperature: request.temperature.unwrap_or(personality.temperature),
+            model: &plan.model,
+            messages: &plan.messages,
+            max_tokens: plan.max_tokens,
+            temperature: plan.temperature,
             user: Some(&job.user_id),
             stream: false,
         };
@@ -191,6 +215,7 @@ impl ChatBot {
             usage: reply.usage,
             processed_at: self.clock.now_ms(),
             upstream_latency_ms: Some(reply.latency.as_millis() as u64),
+            cached: false,
         })
     }
 }

@@ -40,6 +40,8 @@ pub struct Interaction {
     pub model: Option<String>,
     pub upstream_latency_ms: Option<u64>,
     pub usage: Option<Usage>,
+    /// The reply came from the response cache.
+    pub cached: bool,
     pub attempts: u32,
     pub timestamp: Millis,
 }
@@ -120,6 +122,7 @@ impl Interaction {
             model: result.map(|r| r.model.clone()),
             upstream_latency_ms: result.and_then(|r| r.upstream_latency_ms),
             usage: result.and_then(|r| r.usage),
+            cached: result.is_some_and(|r| r.cached),
             attempts: job.attempts,
             timestamp: job.finished_at.unwrap_or_default(),
         }

@@ -115,6 +115,12 @@ pub struct JobResult {
     pub processed_at: Millis,
     /// Time spent waiting for the upstream on the successful attempt.
     pub upstream_latency_ms: Option<u64>,
+    /// The reply came from the response cache: no upstream call was made for this job, so
+    /// its usage is zero. (`default`: results the shared store wrote as JSON before the
+    /// cache existed read as not cached; the embedded store's positional records are
+    /// versioned instead.)
+    #[serde(default)]
+    pub cached: bool,
 }
 
 /// Why an attempt (or the whole job) failed.

@@ -1,9 +1,11 @@
 //! The domain model: what a chat job, a message and a logged interaction are. Every layer
 //! (front door, bot, workers, stores) speaks these types; none of them knows a backend.
 
+pub mod cache;
 pub mod interaction;
 pub mod job;
 
+pub use cache::{CacheEntry, CacheKey, CachedReply};
 pub use interaction::{Action, Cursor, GLOBAL_GUILD, Interaction, LogPage, LogQuery};
 pub use job::{
     ChatRequest, Job, JobError, JobResult, JobState, Message, NewJob, QueueCounts, Role, Usage,

@@ -1,4 +1,4 @@
-//! Admin routes: queue stats, pause and resume, and the interaction log.
+//! Admin routes: queue stats, pause and resume, the interaction log and the response cache.
 
 use axum::Json;
 use axum::extract::State;
@@ -25,6 +25,16 @@ pub struct Stats {
     pub model: String,
     /// The local disk of the embedded store (`null` for a store without one).
     pub disk: Option<Disk>,
+    pub cache: CacheStats,
+}
+
+/// The response cache, on the stats page.
+#[derive(Debug, Serialize)]
+pub struct CacheStats {
+    /// `--cache-ttl-secs` (0: off, unless a guild turns it on).
+    pub ttl_secs: u64,
+    pub entries: u64,
+    pub max_entries: u64,
 }
 
 /// The data directory's disk, as the store sees it.
@@ -45,6 +55,11 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiErro
     let counts = state.store.counts().await?;
     let status = state.store.status().await?;
     let accepting_jobs = state.store.accepting().await.is_ok();
+    let cache = CacheStats {
+        ttl_secs: state.cache.ttl_for(None).as_secs(),
+        entries: state.store.cache_len().await?,
+        max_entries: state.config.store.cache_max_entries,
+    };
     Ok(Json(Stats {
         waiting: counts.queued,
         counts,
@@ -64,6 +79,7 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiErro
             failure: disk.failure.map(|f| f.to_string()),
             reopens: disk.reopens,
         }),
+        cache,
     }))
 }
 
@@ -123,6 +139,7 @@ pub struct InteractionView {
     pub model: Option<String>,
     pub upstream_latency_ms: Option<u64>,
     pub usage: Option<Usage>,
+    pub cached: bool,
     pub attempts: u32,
     pub timestamp: String,
     pub timestamp_ms: u64,
@@ -148,6 +165,7 @@ impl From<Interaction> for InteractionView {
             model: e.model,
             upstream_latency_ms: e.upstream_latency_ms,
             usage: e.usage,
+            cached: e.cached,
             attempts: e.attempts,
         }
     }
@@ -202,4 +220,34 @@ pub async fn interactions(
             .collect(),
         next_cursor: page.next_cursor,
     }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheQuery {
+    guild_id: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CacheCleared {
+    pub removed: u64,
+}
+
+/// `DELETE /v1/cache?guild_id=`: forgets every cached reply, or one guild's (`global` names
+/// the replies to requests outside any guild).
+pub async fn clear_cache(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<CacheQuery>,
+) -> Result<Json<CacheCleared>, ApiError> {
+    let guild = q.guild_id.filter(|g| !g.is_empty());
+    if let Some(guild) = &guild {
+        super::submission::check_id("guild_id", guild)?;
+    }
+    let removed = state.store.cache_clear(guild.as_deref()).await?;
+    tracing::info!(
+        removed,
+        guild = guild.as_deref().unwrap_or("*"),
+        "response cache cleared"
+    );
+    Ok(Json(CacheCleared { removed }))
 }

@@ -37,7 +37,7 @@ use super::error::{ApiError, ApiJson};
 use super::jobs;
 use super::state::AppState;
 use super::submission::{self, Content, SubmitRequest, check_id};
-use crate::domain::{Job, JobState, NewJob};
+use crate::domain::{Job, JobResult, JobState, NewJob};
 use crate::signals::{StreamRegistration, Subscription};
 
 /// Prefix of the model aliases that select a personality.
@@ -179,11 +179,13 @@ pub async fn chat_completions(
         let id = Uuid::new_v4();
         let stream = body.stream.unwrap_or(false);
         let (new, label) = build(&state, body, &headers, user, id)?;
-        if stream {
-            stream_reply(&state, new, label).await
+        let (verdict, hit) = jobs::consult_cache(&state, &new).await;
+        let response = if stream {
+            stream_reply(&state, new, label, hit).await?
         } else {
-            wait(&state, new, label).await
-        }
+            wait(&state, new, label, hit).await?
+        };
+        Ok::<_, ApiError>(jobs::with_cache_header(response, verdict))
     }
     .await;
     Ok(jobs::with_rate_headers(result.into_response(), &decision))
@@ -196,27 +198,42 @@ fn with_job_header(mut response: Response, id: Uuid) -> Response {
     response
 }
 
-async fn wait(state: &AppState, new: NewJob, label: Option<String>) -> Result<Response, ApiError> {
+/// Pushes the job (or, on a cache hit, adds it completed) and answers once it is finished.
+async fn wait(
+    state: &AppState,
+    new: NewJob,
+    label: Option<String>,
+    hit: Option<JobResult>,
+) -> Result<Response, ApiError> {
     let id = new.id.unwrap_or_else(Uuid::new_v4);
     let mut finished = state.signals.finished.subscribe(id);
-    state.store.push(new).await?;
-    state.metrics.jobs_accepted.inc();
-    let deadline = state
-        .config
-        .request_timeout
-        .saturating_sub(Duration::from_secs(5));
-    let job = jobs::await_finish(state, &mut finished, id, deadline).await?;
+    let pushed = jobs::push(state, new, hit).await?;
+    let job = if pushed.job.state.is_terminal() {
+        pushed.job
+    } else {
+        let deadline = state
+            .config
+            .request_timeout
+            .saturating_sub(Duration::from_secs(5));
+        jobs::await_finish(state, &mut finished, id, deadline).await?
+    };
+    Ok(completion(&job, label))
+}
+
+/// The `chat.completion` of a finished job, or the error it ended with.
+fn completion(job: &Job, label: Option<String>) -> Response {
+    let id = job.id;
     let Some(result) = job
         .result
         .as_ref()
         .filter(|_| job.state == JobState::Completed)
     else {
         let error = if job.state.is_terminal() {
-            job_failure(&job)
+            job_failure(job)
         } else {
             too_long(id)
         };
-        return Ok(with_job_header(error.into_response(), id));
+        return with_job_header(error.into_response(), id);
     };
     let usage = result.usage.map(|u| {
         json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
@@ -234,9 +251,9 @@ async fn wait(state: &AppState, new: NewJob, label: Option<String>) -> Result<Re
         }],
         "usage": usage,
         "system_fingerprint": null,
-        "chatq": {"job_id": id, "used_fallback": result.used_fallback}
+        "chatq": {"job_id": id, "used_fallback": result.used_fallback, "cached": result.cached}
     });
-    Ok(with_job_header(Json(body).into_response(), id))
+    with_job_header(Json(body).into_response(), id)
 }
 
 fn chunk(id: Uuid, created: u64, model: &str, delta: Value, finish: Option<&str>) -> Event {
@@ -276,6 +293,8 @@ struct Relay {
     deadline: Pin<Box<tokio::time::Sleep>>,
     /// How often to look in the store for the job's finish (a shared store), if at all.
     poll: Option<Duration>,
+    /// The job, when it was finished before the stream began (a reply from the cache).
+    done: Option<Job>,
     /// The reply text forwarded so far.
     sent: String,
     phase: Phase,
@@ -290,6 +309,10 @@ impl Relay {
                 Some(self.chunk(json!({"role": "assistant", "content": ""}), None))
             }
             Phase::Relaying => {
+                if let Some(job) = self.done.take() {
+                    self.close(Some(job)).await;
+                    return self.closing.pop_front();
+                }
                 let job = loop {
                     let poll = tokio::time::sleep(self.poll.unwrap_or(Duration::MAX));
                     tokio::select! {
@@ -359,29 +382,38 @@ impl Relay {
     }
 }
 
+/// Streams the job's reply: as the worker produces it, or, on a cache hit (`hit`), the
+/// stored reply in the same chunks a fresh one ends with.
 async fn stream_reply(
     state: &AppState,
     new: NewJob,
     label: Option<String>,
+    hit: Option<JobResult>,
 ) -> Result<Response, ApiError> {
     let id = new.id.unwrap_or_else(Uuid::new_v4);
     // Both registrations come before the push: the worker cannot start before we listen.
     let deltas = state.signals.streams.listen(id);
     let finished = state.signals.finished.subscribe(id);
-    // The job is claimed here and run by this process's workers, so its deltas reach this
-    // client whichever replicas share the store. Paused, it waits in the queue like any job.
-    match state.store.push_claimed(new.clone()).await? {
-        Some(claimed) => {
-            if state.handoff.run(claimed).is_err() {
-                // Only at shutdown; the claim is recovered and the job runs after all.
-                tracing::warn!(job_id = %id, "the workers have stopped; the streamed job runs after recovery");
+    let mut done = None;
+    if hit.is_some() {
+        done = Some(jobs::push(state, new, hit).await?.job);
+    } else {
+        // The job is claimed here and run by this process's workers, so its deltas reach
+        // this client whichever replicas share the store. Paused, it waits in the queue like
+        // any job.
+        match state.store.push_claimed(new.clone()).await? {
+            Some(claimed) => {
+                if state.handoff.run(claimed).is_err() {
+                    // Only at shutdown; the claim is recovered and the job runs after all.
+                    tracing::warn!(job_id = %id, "the workers have stopped; the streamed job runs after recovery");
+                }
+            }
+            None => {
+                state.store.push(new).await?;
             }
         }
-        None => {
-            state.store.push(new).await?;
-        }
+        state.metrics.jobs_accepted.inc();
     }
-    state.metrics.jobs_accepted.inc();
     let relay = Relay {
         state: state.clone(),
         id,
@@ -391,6 +423,7 @@ async fn stream_reply(
         finished,
         deadline: Box::pin(tokio::time::sleep(state.config.request_timeout)),
         poll: state.config.worker.poll,
+        done,
         sent: String::new(),
         phase: Phase::Opening,
         closing: VecDeque::new(),

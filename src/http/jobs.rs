@@ -16,7 +16,8 @@ use uuid::Uuid;
 use super::error::{ApiError, ApiJson, ApiQuery};
 use super::state::AppState;
 use super::submission::{self, Content, SubmitRequest, check_id};
-use crate::domain::{Job, JobError, JobResult, JobState, Usage};
+use crate::cache::{self, Verdict};
+use crate::domain::{Job, JobError, JobResult, JobState, NewJob, Usage};
 use crate::limiter::Decision;
 use crate::signals::Subscription;
 use crate::store::Pushed;
@@ -146,6 +147,54 @@ pub async fn limit(
     Ok((decision, verdict))
 }
 
+/// Adds `x-chatq-cache` to an answer.
+pub fn with_cache_header(mut response: Response, verdict: Verdict) -> Response {
+    const CACHE: HeaderName = HeaderName::from_static(cache::HEADER);
+    response
+        .headers_mut()
+        .insert(CACHE, HeaderValue::from_static(verdict.as_str()));
+    response
+}
+
+/// What the response cache says about `new`: its verdict, and the job's result on a hit. A
+/// delayed job is looked up when it runs, not now.
+pub async fn consult_cache(state: &AppState, new: &NewJob) -> (Verdict, Option<JobResult>) {
+    let Some(terms) = state.cache.terms(new.guild_id.as_deref(), &new.request) else {
+        return (Verdict::Off, None);
+    };
+    if new.delay_ms > 0 {
+        return (Verdict::Miss, None);
+    }
+    match state.cache.lookup(&terms).await {
+        Some(result) => (Verdict::Hit, Some(result)),
+        None => (Verdict::Miss, None),
+    }
+}
+
+/// Adds `new` to the store: queued, or, when the cache held its reply (`hit`), completed at
+/// once with it. Counts what was accepted.
+pub async fn push(
+    state: &AppState,
+    new: NewJob,
+    hit: Option<JobResult>,
+) -> Result<Pushed, ApiError> {
+    let pushed = match hit {
+        Some(result) => {
+            let pushed = state.store.push_finished(new, result).await?;
+            if pushed.created {
+                state.cache.count(Verdict::Hit);
+                state.metrics.job_completed(false);
+            }
+            pushed
+        }
+        None => state.store.push(new).await?,
+    };
+    if pushed.created {
+        state.metrics.jobs_accepted.inc();
+    }
+    Ok(pushed)
+}
+
 /// A job as the API shows it.
 #[derive(Debug, Serialize)]
 pub struct JobView {
@@ -175,6 +224,8 @@ pub struct ResultView {
     pub model: String,
     pub usage: Option<Usage>,
     pub processed_at: String,
+    /// The reply came from the response cache.
+    pub cached: bool,
 }
 
 /// Milliseconds since the epoch as RFC 3339.
@@ -191,6 +242,7 @@ impl ResultView {
             model: r.model.clone(),
             usage: r.usage,
             processed_at: rfc3339(r.processed_at),
+            cached: r.cached,
         }
     }
 }
@@ -233,7 +285,7 @@ pub async fn submit(
     ApiJson(body): ApiJson<SubmitBody>,
 ) -> Result<Response, ApiError> {
     let (decision, pushed) = submit_job(&state, body, "user_id", &headers).await?;
-    let result = pushed.map(|pushed| {
+    let result = pushed.map(|(pushed, verdict)| {
         let status = if pushed.created {
             StatusCode::ACCEPTED
         } else {
@@ -252,30 +304,28 @@ pub async fn submit(
         if let Ok(v) = HeaderValue::from_str(&location) {
             response.headers_mut().insert(header::LOCATION, v);
         }
-        response
+        with_cache_header(response, verdict)
     });
     Ok(with_rate_headers(result.into_response(), &decision))
 }
 
 /// The submit flow both job routes share: check the user id (reported as `user_param`),
-/// count the request against the user's limit, check the rest, push. Returns the limiter's
-/// decision, for the headers of whatever the route answers, and the pushed job or why not.
+/// count the request against the user's limit, check the rest, consult the cache, push.
+/// Returns the limiter's decision, for the headers of whatever the route answers, and the
+/// pushed job with the cache's verdict, or why not.
 pub async fn submit_job(
     state: &AppState,
     body: SubmitBody,
     user_param: &str,
     headers: &HeaderMap,
-) -> Result<(Decision, Result<Pushed, ApiError>), ApiError> {
+) -> Result<(Decision, Result<(Pushed, Verdict), ApiError>), ApiError> {
     check_id(user_param, &body.user_id)?;
-    let (decision, verdict) = limit(state, &body.user_id).await?;
+    let (decision, allowed) = limit(state, &body.user_id).await?;
     let pushed = async {
-        verdict?;
+        allowed?;
         let new = submission::parse(state, body.into_request(request_id(headers))?)?;
-        let pushed = state.store.push(new).await?;
-        if pushed.created {
-            state.metrics.jobs_accepted.inc();
-        }
-        Ok(pushed)
+        let (verdict, hit) = consult_cache(state, &new).await;
+        Ok((push(state, new, hit).await?, verdict))
     }
     .await;
     Ok((decision, pushed))

@@ -55,15 +55,17 @@ pub async fn submit(
         ..SubmitBody::default()
     };
     let (decision, pushed) = jobs::submit_job(&state, submission, "userId", &headers).await?;
-    let result = pushed.map(|pushed| {
-        (
+    let result = pushed.map(|(pushed, verdict)| {
+        let response = (
             StatusCode::ACCEPTED,
             Json(LegacyAccepted {
                 ok: true,
                 job_id: pushed.job.id.to_string(),
-                status: "queued",
+                // `completed` when the reply came from the cache.
+                status: bullmq_state(pushed.job.state),
             }),
-        )
+        );
+        jobs::with_cache_header(response.into_response(), verdict)
     });
     Ok(jobs::with_rate_headers(result.into_response(), &decision))
 }

@@ -22,7 +22,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use tower::ServiceBuilder;
 use tower::limit::ConcurrencyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queue/pause", post(admin::pause))
         .route("/v1/queue/resume", post(admin::resume))
         .route("/v1/interactions", get(admin::interactions))
+        .route("/v1/cache", delete(admin::clear_cache))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,

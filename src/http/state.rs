@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use crate::bot::ChatBot;
+use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::limiter::UserLimiter;
 use crate::metrics::Metrics;
@@ -25,6 +26,7 @@ pub struct Shared {
     pub limiter: Arc<UserLimiter>,
     pub metrics: Arc<Metrics>,
     pub bot: Arc<ChatBot>,
+    pub cache: Arc<ResponseCache>,
     pub config: Arc<Config>,
     /// Set while the workers run; `/readyz` reports it.
     pub workers_running: AtomicBool,

@@ -13,6 +13,8 @@
 //! behind is released either at the next open (the embedded store, which one process owns)
 //! or when its lease runs out (a shared store): the tests let [`RECOVERY_MS`] pass and run
 //! maintenance before they expect the job back, so both ways pass.
+//!
+//! A backend opens with the response cache bounded at [`CACHE_BOUND`] entries.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -30,12 +32,14 @@ use crate::store::{Claimed, FailOutcome, Lease, Store, StoreError};
 pub const T0: u64 = 1_800_000_000_000;
 /// Longer than any lease a backend is tested with.
 pub const RECOVERY_MS: u64 = 120_000;
+/// The `cache_max_entries` a backend opens with.
+pub const CACHE_BOUND: u64 = 5;
 
 /// What a backend gives the suite.
 pub trait Backend: Send + Sync {
     /// Opens the store over this backend's data: empty the first time, what the previous
     /// store left after that. Retention: 3 completed, 2 failed (and cancelled); the log's own
-    /// retention off.
+    /// retention off; at most [`CACHE_BOUND`] cache entries.
     fn open(
         &self,
         clock: SharedClock,
@@ -145,6 +149,9 @@ macro_rules! store_contract {
             a_job_pushed_claimed_is_this_callers_alone_and_recovered_like_any_claim,
             concurrent_claims_hand_out_each_job_exactly_once,
             pushes_racing_claims_lose_nothing_and_one_idempotency_key_makes_one_job,
+            a_job_pushed_finished_is_completed_logged_and_announced_even_while_paused,
+            cache_entries_are_served_until_they_expire_and_survive_reopen,
+            the_cache_keeps_at_most_its_bound_newest_first_and_clears_by_guild,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -174,6 +181,7 @@ pub fn result(reply: &str) -> JobResult {
         }),
         processed_at: T0,
         upstream_latency_ms: Some(5),
+        cached: false,
     }
 }
 
@@ -912,4 +920,186 @@ pub async fn pushes_racing_claims_lose_nothing_and_one_idempotency_key_makes_one
     all.extend(left);
     assert_eq!(all, pushed, "every pushed job claimable exactly once");
     assert!(h.claim_none().await);
+}
+
+pub async fn a_job_pushed_finished_is_completed_logged_and_announced_even_while_paused(
+    mut h: Harness,
+) {
+    h.store().set_paused(true).await.unwrap();
+    let mut new = NewJob::prompt("u", "what are the rules?");
+    new.guild_id = Some("g".into());
+    new.id = Some(uuid::Uuid::new_v4());
+    let mut finished = h.signals.finished.subscribe(new.id.unwrap());
+    let mut hit = result("Be kind.");
+    hit.cached = true;
+    hit.usage = Some(Usage::default());
+    let pushed = h.store().push_finished(new, hit.clone()).await.unwrap();
+    assert!(pushed.created);
+    let job = pushed.job;
+    assert_eq!(job.state, JobState::Completed);
+    assert_eq!(job.result.as_ref(), Some(&hit));
+    assert_eq!(job.attempts, 0, "no attempt was made");
+    assert_eq!(job.finished_at, Some(T0));
+    let announced = tokio::time::timeout(Duration::from_secs(5), finished.finished())
+        .await
+        .expect("the finish was announced")
+        .expect("with the job");
+    assert_eq!(announced, job);
+    let counts = h.store().counts().await.unwrap();
+    assert_eq!((counts.completed, counts.queued, counts.active), (1, 0, 0));
+    let log = h.all_log().await;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].job_id, job.id);
+    assert_eq!(log[0].action, Action::ChatBotInteraction);
+    assert!(log[0].cached, "the log says the reply came from the cache");
+    assert_eq!(log[0].reply.as_deref(), Some("Be kind."));
+    assert_eq!(log[0].guild_id, "g");
+
+    // Nothing for a worker to do, before or after a restart; the job and its entry stay.
+    h.reopen().await;
+    h.store().set_paused(false).await.unwrap();
+    assert!(h.claim_none().await);
+    assert_eq!(h.store().get(job.id).await.unwrap(), Some(job.clone()));
+    assert_eq!(h.all_log().await.len(), 1);
+
+    // An idempotency key that names a job returns it, whatever state it is in.
+    let mut keyed = NewJob::prompt("u", "again");
+    keyed.idempotency_key = Some("k".into());
+    let first = h.push(keyed.clone()).await;
+    let again = h.store().push_finished(keyed, hit).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.job.id, first.id);
+    assert_eq!(again.job.state, JobState::Queued);
+    // A pre-assigned id that is taken is refused.
+    let mut taken = NewJob::prompt("u", "x");
+    taken.id = Some(job.id);
+    assert!(matches!(
+        h.store().push_finished(taken, result("y")).await,
+        Err(StoreError::Conflict { .. })
+    ));
+}
+
+fn cache_key(n: u8) -> crate::domain::CacheKey {
+    crate::domain::CacheKey([n; 32])
+}
+
+fn reply(text: &str) -> crate::domain::CachedReply {
+    crate::domain::CachedReply {
+        reply: text.into(),
+        model: "m".into(),
+    }
+}
+
+pub async fn cache_entries_are_served_until_they_expire_and_survive_reopen(mut h: Harness) {
+    let store = h.store().clone();
+    assert_eq!(store.cache_get(&cache_key(1), 10_000).await.unwrap(), None);
+    store
+        .cache_put(&cache_key(1), "g", &reply("Read #rules."), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.cache_get(&cache_key(1), 10_000).await.unwrap(),
+        Some(reply("Read #rules."))
+    );
+    assert_eq!(store.cache_get(&cache_key(2), 10_000).await.unwrap(), None);
+    assert_eq!(store.cache_len().await.unwrap(), 1);
+    // A put under the same key replaces the entry (and restarts its time).
+    h.clock.advance(1_000);
+    store
+        .cache_put(&cache_key(1), "g", &reply("See #rules."), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(store.cache_len().await.unwrap(), 1);
+    drop(store);
+    // Entries are not made durable on every put; a clean sync is what a shutdown does.
+    h.store().sync().await.unwrap();
+    h.reopen().await;
+    let store = h.store().clone();
+    assert_eq!(
+        store.cache_get(&cache_key(1), 10_000).await.unwrap(),
+        Some(reply("See #rules.")),
+        "the cache survives a restart"
+    );
+    h.clock.advance(9_999);
+    assert!(
+        store
+            .cache_get(&cache_key(1), 10_000)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        store.cache_get(&cache_key(1), 5_000).await.unwrap(),
+        None,
+        "a shorter TTL asked now wins over the one stored"
+    );
+    h.clock.advance(1);
+    assert_eq!(
+        store.cache_get(&cache_key(1), 60_000).await.unwrap(),
+        None,
+        "expired at its TTL"
+    );
+    assert_eq!(store.cache_len().await.unwrap(), 1, "until maintenance");
+    store.prune().await.unwrap();
+    assert_eq!(store.cache_len().await.unwrap(), 0);
+}
+
+pub async fn the_cache_keeps_at_most_its_bound_newest_first_and_clears_by_guild(h: Harness) {
+    let store = h.store();
+    let over = CACHE_BOUND as u8 + 3;
+    for n in 1..=over {
+        store
+            .cache_put(&cache_key(n), "g1", &reply(&format!("r{n}")), 60_000)
+            .await
+            .unwrap();
+        h.clock.advance(1);
+        assert!(store.cache_len().await.unwrap() <= CACHE_BOUND);
+    }
+    assert_eq!(store.cache_len().await.unwrap(), CACHE_BOUND);
+    for n in 1..=over {
+        let found = store.cache_get(&cache_key(n), 60_000).await.unwrap();
+        assert_eq!(
+            found.is_some(),
+            u64::from(n) > u64::from(over) - CACHE_BOUND,
+            "entry {n}: the oldest went first"
+        );
+    }
+    // Replacing an entry keeps the bound and the new reply.
+    store
+        .cache_put(&cache_key(over), "g1", &reply("fresh"), 60_000)
+        .await
+        .unwrap();
+    assert!(store.cache_len().await.unwrap() <= CACHE_BOUND);
+    assert_eq!(
+        store.cache_get(&cache_key(over), 60_000).await.unwrap(),
+        Some(reply("fresh"))
+    );
+    assert!(
+        store
+            .cache_get(&cache_key(over - 1), 60_000)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    store.cache_clear(None).await.unwrap();
+    assert_eq!(store.cache_len().await.unwrap(), 0);
+    for (n, guild) in [(1, "g1"), (2, "g2"), (3, "g1")] {
+        store
+            .cache_put(&cache_key(n), guild, &reply("r"), 60_000)
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.cache_clear(Some("g1")).await.unwrap(), 2);
+    assert_eq!(store.cache_get(&cache_key(1), 60_000).await.unwrap(), None);
+    assert!(
+        store
+            .cache_get(&cache_key(2), 60_000)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(store.cache_clear(Some("nobody")).await.unwrap(), 0);
+    assert_eq!(store.cache_clear(None).await.unwrap(), 1);
+    assert_eq!(store.cache_len().await.unwrap(), 0);
 }

@@ -7,7 +7,9 @@
 //!   complete and fail (taking that lease), cancel, retry, pause, reads and counts;
 //! - [`InteractionLog`]: queries of the log, which complete and fail write;
 //! - [`Maintenance`]: retention and a final sync;
-//! - [`StoreHealth`]: whether new jobs are taken now, and the backend's status.
+//! - [`StoreHealth`]: whether new jobs are taken now, and the backend's status;
+//! - [`RateLimits`]: per-user limits that every process sharing the store counts against;
+//! - [`ReplyCache`]: the response cache's entries.
 //!
 //! The promises, for every backend (the contract suite in `contract.rs` checks them): a push,
 //! cancel, retry or pause that returned `Ok` is durable (in [`Durability::Strict`]); a
@@ -35,7 +37,10 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::clock::{Millis, SharedClock};
-use crate::domain::{Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob, QueueCounts};
+use crate::domain::{
+    CacheKey, CachedReply, Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob,
+    QueueCounts,
+};
 use crate::secret::Secret;
 pub use crate::signals::JobNotifier;
 
@@ -78,6 +83,8 @@ pub struct StoreOptions {
     /// Failed job records to keep; cancelled records are kept by the same number.
     pub keep_failed: u64,
     pub log_retention: LogRetention,
+    /// Response-cache entries to keep at most; the oldest go first.
+    pub cache_max_entries: u64,
     pub backend: Backend,
 }
 
@@ -130,6 +137,7 @@ impl StoreOptions {
             keep_completed: crate::defaults::KEEP_COMPLETED,
             keep_failed: crate::defaults::KEEP_FAILED,
             log_retention: LogRetention::default(),
+            cache_max_entries: crate::defaults::CACHE_MAX_ENTRIES,
             backend: Backend::Embedded(EmbeddedOptions {
                 path: path.into(),
                 cache_capacity: DEFAULT_CACHE_BYTES,
@@ -313,6 +321,11 @@ pub trait JobStore: Send + Sync {
     /// If this process dies, the claim is recovered like any other and the job runs
     /// elsewhere.
     async fn push_claimed(&self, job: NewJob) -> Result<Option<Claimed>, StoreError>;
+    /// Adds a job that is already finished: `completed` with `result` (a reply from the
+    /// cache), and its interaction-log entry, without any claim. Durable on `Ok`, announced
+    /// to the notifier; an idempotency key that names an existing job returns that job, as
+    /// [`JobStore::push`] does. Paused or not: a finished job needs no worker.
+    async fn push_finished(&self, job: NewJob, result: JobResult) -> Result<Pushed, StoreError>;
     /// Hands the next due job to exactly one caller, marking it `active` under a fresh lease;
     /// `None` when nothing is due or the queue is paused.
     async fn claim(&self) -> Result<Option<Claimed>, StoreError>;
@@ -394,10 +407,43 @@ pub struct RateTake {
     pub retry_after_ms: u64,
 }
 
-/// Everything chatq needs of a backend.
-pub trait Store: JobStore + InteractionLog + Maintenance + StoreHealth + RateLimits {}
+/// The response cache's entries (DESIGN §14). Entries are soft state: a write is not made
+/// durable before it returns (an entry lost in a crash is one miss), and [`Maintenance::prune`]
+/// removes expired ones.
+#[async_trait]
+pub trait ReplyCache: Send + Sync {
+    /// The reply stored under `key`, unless it has expired or was stored `max_age_ms` or
+    /// more ago (a guild's TTL may have been shortened since).
+    async fn cache_get(
+        &self,
+        key: &CacheKey,
+        max_age_ms: u64,
+    ) -> Result<Option<CachedReply>, StoreError>;
+    /// Stores `reply` under `key` for `ttl_ms`, replacing what was there, then removes the
+    /// oldest entries beyond [`StoreOptions::cache_max_entries`].
+    async fn cache_put(
+        &self,
+        key: &CacheKey,
+        guild_id: &str,
+        reply: &CachedReply,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// Removes every entry, or those of one guild; returns how many.
+    async fn cache_clear(&self, guild_id: Option<&str>) -> Result<u64, StoreError>;
+    /// Entries stored (expired ones included until maintenance removes them).
+    async fn cache_len(&self) -> Result<u64, StoreError>;
+}
 
-impl<T: JobStore + InteractionLog + Maintenance + StoreHealth + RateLimits> Store for T {}
+/// Everything chatq needs of a backend.
+pub trait Store:
+    JobStore + InteractionLog + Maintenance + StoreHealth + RateLimits + ReplyCache
+{
+}
+
+impl<T: JobStore + InteractionLog + Maintenance + StoreHealth + RateLimits + ReplyCache> Store
+    for T
+{
+}
 
 /// What [`StoreHealth::status`] reports.
 #[derive(Debug, Clone)]

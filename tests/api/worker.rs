@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatq::bot::{ChatBot, Personalities, Upstream};
+use chatq::cache::ResponseCache;
 use chatq::clock::{self, ManualClock, SharedClock};
 use chatq::domain::{JobState, LogQuery, Message, NewJob, Role};
 use chatq::metrics::Metrics;
@@ -62,14 +63,9 @@ async fn rig_with(
         on_upstream_failure: policy,
         ..WorkerConfig::default()
     };
-    let worker = Worker::new(
-        queue.clone(),
-        signals,
-        bot,
-        Arc::new(Metrics::new()),
-        shared,
-        config,
-    );
+    let metrics = Arc::new(Metrics::new());
+    let cache = cache_off(&queue, &bot, &metrics, &shared);
+    let worker = Worker::new(queue.clone(), signals, bot, cache, metrics, shared, config);
     Rig {
         _dir: dir,
         clock,
@@ -342,6 +338,22 @@ async fn an_empty_prompt_fails_with_missing_prompt() {
     assert_eq!(upstream.request_count(), 0);
 }
 
+/// The response cache as the server has it by default: off.
+fn cache_off(
+    store: &Arc<dyn Store>,
+    bot: &Arc<ChatBot>,
+    metrics: &Arc<Metrics>,
+    clock: &SharedClock,
+) -> Arc<ResponseCache> {
+    Arc::new(ResponseCache::new(
+        Arc::clone(store),
+        Arc::clone(bot),
+        Arc::clone(metrics),
+        clock.clone(),
+        Duration::ZERO,
+    ))
+}
+
 async fn pool_rig(
     upstream: &MockUpstream,
     workers: usize,
@@ -356,11 +368,14 @@ async fn pool_rig(
         clock.clone(),
         "mock-model",
     ));
+    let metrics = Arc::new(Metrics::new());
+    let cache = cache_off(&queue, &bot, &metrics, &clock);
     let worker = Arc::new(Worker::new(
         queue.clone(),
         signals,
         bot,
-        Arc::new(Metrics::new()),
+        cache,
+        metrics,
         clock,
         WorkerConfig {
             workers,

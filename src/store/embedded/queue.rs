@@ -8,6 +8,11 @@
 //! | `log` | finished ms (u64 BE) ++ job seq (u64 BE) | encoded [`Interaction`] |
 //! | `log_by_user`, `log_by_guild` | id ++ 0x00 ++ log key | empty |
 //! | `meta` | name | value (the paused flag) |
+//! | `cache` | cache key (32 bytes) | encoded [`StoredCacheEntry`](record::StoredCacheEntry) |
+//!
+//! Cache entries have their own small in-memory index (by age, for the bound on entries, and
+//! by expiry, for maintenance), rebuilt at open like the job index and kept under its own
+//! lock: a cache write never waits for a push or a claim.
 //!
 //! Every state transition of a job is **one write of its record**, which sled applies
 //! atomically: a push, a claim, a retry, a cancel or a completion either happened or did
@@ -51,12 +56,14 @@ use super::record::{self, StoredJob};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::interaction::MAX_PAGE;
 use crate::domain::{
-    Interaction, Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob, QueueCounts,
+    CacheKey, CachedReply, Interaction, Job, JobError, JobResult, JobState, LogPage, LogQuery,
+    NewJob, QueueCounts,
 };
 use crate::signals::JobNotifier;
 use crate::store::{
     Claimed, Durability, EmbeddedOptions, FailOutcome, InteractionLog, JobStore, Lease,
-    LogRetention, Maintenance, Pushed, StoreError, StoreHealth, StoreOptions, StoreStatus,
+    LogRetention, Maintenance, Pushed, ReplyCache, StoreError, StoreHealth, StoreOptions,
+    StoreStatus,
 };
 
 const PAUSED_KEY: &[u8] = b"paused";
@@ -151,6 +158,35 @@ impl Index {
     }
 }
 
+/// The cache entries' orderings, derived from their records.
+#[derive(Default)]
+struct CacheIndex {
+    /// key → (seq, expires at) of the entry stored under it.
+    entries: HashMap<CacheKey, (u64, Millis)>,
+    /// seq → key: oldest first.
+    by_age: BTreeMap<u64, CacheKey>,
+    /// (expires at, seq) → key: soonest first.
+    by_expiry: BTreeMap<(Millis, u64), CacheKey>,
+    next_seq: u64,
+}
+
+impl CacheIndex {
+    fn insert(&mut self, key: CacheKey, seq: u64, expires_at: Millis) {
+        self.remove(&key);
+        self.next_seq = self.next_seq.max(seq);
+        self.entries.insert(key, (seq, expires_at));
+        self.by_age.insert(seq, key);
+        self.by_expiry.insert((expires_at, seq), key);
+    }
+
+    fn remove(&mut self, key: &CacheKey) {
+        if let Some((seq, expires_at)) = self.entries.remove(key) {
+            self.by_age.remove(&seq);
+            self.by_expiry.remove(&(expires_at, seq));
+        }
+    }
+}
+
 pub struct SledQueue {
     db: sled::Db,
     /// sled's log file, for `fdatasync` after a flush.
@@ -160,6 +196,8 @@ pub struct SledQueue {
     log_user: sled::Tree,
     log_guild: sled::Tree,
     meta: sled::Tree,
+    cache: sled::Tree,
+    cache_index: Mutex<CacheIndex>,
     options: StoreOptions,
     clock: SharedClock,
     notifier: Arc<dyn JobNotifier>,
@@ -226,6 +264,8 @@ impl SledQueue {
             log_user: db.open_tree("log_by_user")?,
             log_guild: db.open_tree("log_by_guild")?,
             meta: db.open_tree("meta")?,
+            cache: db.open_tree("cache")?,
+            cache_index: Mutex::new(CacheIndex::default()),
             db,
             log_file,
             options,
@@ -238,7 +278,38 @@ impl SledQueue {
             flusher,
         };
         queue.recover()?;
+        queue.index_cache()?;
         Ok(queue)
+    }
+
+    fn cache_lock(&self) -> MutexGuard<'_, CacheIndex> {
+        // Only in-memory maps and single sled calls happen under it; see `lock`.
+        self.cache_index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Rebuilds the cache index from its records. An unreadable entry is dropped: the cache
+    /// is soft state, and a miss costs one upstream call.
+    fn index_cache(&self) -> Result<(), StoreError> {
+        let mut index = self.cache_lock();
+        for item in self.cache.iter() {
+            let (key, bytes) = item?;
+            match (
+                CacheKey::from_slice(&key),
+                record::decode_cache_entry(&bytes),
+            ) {
+                (Some(cache_key), Ok(entry)) => {
+                    index.insert(cache_key, entry.seq, entry.expires_at);
+                }
+                (_, decoded) => {
+                    let error = decoded.err().map(|e| e.to_string()).unwrap_or_default();
+                    tracing::warn!(error = %error, "dropped an unreadable response-cache entry");
+                    self.cache.remove(key)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The index lock. A panic while holding it can only come between a record write and
@@ -316,7 +387,8 @@ impl SledQueue {
         }
     }
 
-    fn push_sync(&self, new: &NewJob) -> Result<Pushed, StoreError> {
+    /// Adds `new`, queued or (with `finished`) already completed with that result.
+    fn push_sync(&self, new: &NewJob, finished: Option<&JobResult>) -> Result<Pushed, StoreError> {
         let now = self.clock.now_ms();
         let id = new.id.unwrap_or_else(Uuid::new_v4);
         let mut record = StoredJob {
@@ -325,6 +397,14 @@ impl SledQueue {
             log_pending: false,
             lease: 0,
         };
+        if let Some(result) = finished {
+            let job = &mut record.job;
+            job.state = JobState::Completed;
+            job.started_at = Some(now);
+            job.finished_at = Some(now);
+            job.result = Some(result.clone());
+            record.log_pending = true;
+        }
         let mut index = self.lock();
         if let Some(key) = &new.idempotency_key {
             let existing = index
@@ -357,9 +437,14 @@ impl SledQueue {
             index.add(&record);
             drop(index);
         }
-        // Wake a worker now: it may start on the job while the flush runs. If the process
-        // dies before the flush, the job was never acknowledged, so nothing promised is lost.
-        self.notifier.work_available();
+        if finished.is_some() {
+            self.log_finished(&mut record)?;
+        } else {
+            // Wake a worker now: it may start on the job while the flush runs. If the process
+            // dies before the flush, the job was never acknowledged, so nothing promised is
+            // lost.
+            self.notifier.work_available();
+        }
         Ok(Pushed {
             job: record.job,
             created: true,
@@ -726,6 +811,76 @@ impl SledQueue {
         removed += self.prune_finished(JobState::Failed, self.options.keep_failed)?;
         removed += self.prune_finished(JobState::Cancelled, self.options.keep_failed)?;
         removed += self.prune_log(self.options.log_retention)?;
+        removed += self.prune_cache()?;
+        Ok(removed)
+    }
+
+    /// Removes expired cache entries.
+    fn prune_cache(&self) -> Result<u64, StoreError> {
+        let now = self.clock.now_ms();
+        let mut index = self.cache_lock();
+        let mut removed = 0;
+        while let Some((&(expires_at, _), &key)) = index.by_expiry.first_key_value() {
+            if expires_at > now {
+                break;
+            }
+            self.cache.remove(key.as_bytes())?;
+            index.remove(&key);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    fn cache_put_sync(
+        &self,
+        key: &CacheKey,
+        guild_id: &str,
+        reply: &CachedReply,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        let mut index = self.cache_lock();
+        index.next_seq += 1;
+        let entry = record::StoredCacheEntry {
+            guild_id: guild_id.to_owned(),
+            reply: reply.reply.clone(),
+            model: reply.model.clone(),
+            stored_at: now,
+            expires_at: now.saturating_add(ttl_ms),
+            seq: index.next_seq,
+        };
+        self.cache
+            .insert(key.as_bytes(), record::encode_cache_entry(&entry)?)?;
+        index.insert(*key, entry.seq, entry.expires_at);
+        while index.entries.len() as u64 > self.options.cache_max_entries {
+            let Some((_, oldest)) = index.by_age.pop_first() else {
+                break;
+            };
+            self.cache.remove(oldest.as_bytes())?;
+            index.remove(&oldest);
+        }
+        Ok(())
+    }
+
+    fn cache_clear_sync(&self, guild_id: Option<&str>) -> Result<u64, StoreError> {
+        let mut index = self.cache_lock();
+        let mut removed = 0;
+        for item in self.cache.iter() {
+            let (key, bytes) = item?;
+            let theirs = match guild_id {
+                None => true,
+                Some(guild) => {
+                    record::decode_cache_entry(&bytes).is_ok_and(|e| e.guild_id == guild)
+                }
+            };
+            if theirs {
+                self.cache.remove(&key)?;
+                if let Some(cache_key) = CacheKey::from_slice(&key) {
+                    index.remove(&cache_key);
+                }
+                removed += 1;
+            }
+        }
         Ok(removed)
     }
 
@@ -839,9 +994,18 @@ impl SledQueue {
 #[async_trait]
 impl JobStore for SledQueue {
     async fn push(&self, job: NewJob) -> Result<Pushed, StoreError> {
-        let pushed = self.push_sync(&job)?;
+        let pushed = self.push_sync(&job, None)?;
         if pushed.created {
             self.durable().await?;
+        }
+        Ok(pushed)
+    }
+
+    async fn push_finished(&self, job: NewJob, result: JobResult) -> Result<Pushed, StoreError> {
+        let pushed = self.push_sync(&job, Some(&result))?;
+        if pushed.created {
+            self.durable().await?;
+            self.notifier.job_finished(&pushed.job);
         }
         Ok(pushed)
     }
@@ -960,6 +1124,48 @@ impl StoreHealth for SledQueue {
             commits: self.flusher.stats().flushes,
             disk: None,
         })
+    }
+}
+
+#[async_trait]
+impl ReplyCache for SledQueue {
+    async fn cache_get(
+        &self,
+        key: &CacheKey,
+        max_age_ms: u64,
+    ) -> Result<Option<CachedReply>, StoreError> {
+        let Some(bytes) = self.cache.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let entry = record::decode_cache_entry(&bytes)?;
+        let now = self.clock.now_ms();
+        if now >= entry.expires_at || now >= entry.stored_at.saturating_add(max_age_ms) {
+            return Ok(None);
+        }
+        Ok(Some(entry.into_entry(*key).reply))
+    }
+
+    async fn cache_put(
+        &self,
+        key: &CacheKey,
+        guild_id: &str,
+        reply: &CachedReply,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        // Not flushed here: an entry lost in a crash is one miss (and the next group commit
+        // or the 500 ms background flush takes it along anyway).
+        self.cache_put_sync(key, guild_id, reply, ttl_ms)
+    }
+
+    async fn cache_clear(&self, guild_id: Option<&str>) -> Result<u64, StoreError> {
+        let removed = self.cache_clear_sync(guild_id)?;
+        // An admin asked for these to be gone: that holds across a crash too.
+        self.durable().await?;
+        Ok(removed)
+    }
+
+    async fn cache_len(&self) -> Result<u64, StoreError> {
+        Ok(self.cache_lock().entries.len() as u64)
     }
 }
 

@@ -7,12 +7,24 @@
 //! |---|---|
 //! | 1 | the job's fields, `seq`, `log_pending` (the job type carried both) |
 //! | 2 | the job's fields, `seq`, `log_pending`, `lease` |
+//! | 3 | the same, with `cached` at the end of the job's result |
 //!
-//! Version 2 added the fencing token of the current claim. A version-1 record reads as a
-//! version-2 one with `lease` 0 (no claim was ever fenced), so a data directory written by
-//! the previous release opens unchanged; it is rewritten as version 2 when the job next
-//! changes. A change to the domain types' fields changes this layout: the test
-//! `a_version_2_record_has_this_exact_layout` fails until a new version is added here.
+//! Version 2 added the fencing token of the current claim; version 3 the result's `cached`
+//! flag. Older records read as version 3 ones with `lease` 0 (no claim was ever fenced) and
+//! `cached` false (there was no cache), through the layouts in [`before_v3`], so a data
+//! directory written by an earlier release opens unchanged; a record is rewritten as version
+//! 3 when its job next changes. A change to the domain types' fields changes this layout: the
+//! test `a_version_3_record_has_this_exact_layout` fails until a new version is added here.
+//!
+//! # Interaction entries
+//!
+//! Version 1 is the entry without `cached`, version 2 with it (after `usage`); version 1
+//! entries read with `cached` false.
+//!
+//! # Cache entries
+//!
+//! Keyed by the 32-byte [`CacheKey`]; the value is [`StoredCacheEntry`], version 1, whose
+//! `seq` orders entries by age for the bound on their number.
 //!
 //! # Log keys
 //!
@@ -26,10 +38,14 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{self, CodecError};
 use crate::clock::Millis;
-use crate::domain::{Cursor, Interaction, Job};
+use crate::domain::{CacheEntry, CacheKey, CachedReply, Cursor, Interaction, Job};
 
 /// The job record version this release writes.
-pub const JOB_VERSION: u8 = 2;
+pub const JOB_VERSION: u8 = 3;
+/// The interaction entry version this release writes.
+pub const INTERACTION_VERSION: u8 = 2;
+/// The cache entry version this release writes.
+pub const CACHE_VERSION: u8 = 1;
 
 /// A job as the embedded store keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,12 +61,146 @@ pub struct StoredJob {
     pub lease: u64,
 }
 
-/// Version 1: the same, without `lease`.
+/// Version 1: the job of [`before_v3`], `seq`, `log_pending`.
 #[derive(Deserialize)]
 struct StoredJobV1 {
-    job: Job,
+    job: before_v3::Job,
     seq: u64,
     log_pending: bool,
+}
+
+/// Version 2: version 1 and `lease`.
+#[derive(Deserialize)]
+struct StoredJobV2 {
+    job: before_v3::Job,
+    seq: u64,
+    log_pending: bool,
+    lease: u64,
+}
+
+/// The domain types as records before version 3 (and interaction entries before version 2)
+/// laid them out: without `cached`. Read-only; each converts into today's type.
+mod before_v3 {
+    use serde::Deserialize;
+    use uuid::Uuid;
+
+    use crate::clock::Millis;
+    use crate::domain::{self, ChatRequest, JobError, JobState, Usage};
+
+    #[derive(Deserialize)]
+    pub struct JobResult {
+        reply: String,
+        used_fallback: bool,
+        model: String,
+        usage: Option<Usage>,
+        processed_at: Millis,
+        upstream_latency_ms: Option<u64>,
+    }
+
+    impl From<JobResult> for domain::JobResult {
+        fn from(r: JobResult) -> Self {
+            Self {
+                reply: r.reply,
+                used_fallback: r.used_fallback,
+                model: r.model,
+                usage: r.usage,
+                processed_at: r.processed_at,
+                upstream_latency_ms: r.upstream_latency_ms,
+                cached: false,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct Job {
+        id: Uuid,
+        user_id: String,
+        guild_id: Option<String>,
+        conversation_id: Option<String>,
+        request: ChatRequest,
+        priority: u32,
+        attempts: u32,
+        max_attempts: u32,
+        state: JobState,
+        created_at: Millis,
+        started_at: Option<Millis>,
+        finished_at: Option<Millis>,
+        run_at: Millis,
+        result: Option<JobResult>,
+        error: Option<JobError>,
+        idempotency_key: Option<String>,
+        request_id: Option<String>,
+    }
+
+    impl From<Job> for domain::Job {
+        fn from(j: Job) -> Self {
+            Self {
+                id: j.id,
+                user_id: j.user_id,
+                guild_id: j.guild_id,
+                conversation_id: j.conversation_id,
+                request: j.request,
+                priority: j.priority,
+                attempts: j.attempts,
+                max_attempts: j.max_attempts,
+                state: j.state,
+                created_at: j.created_at,
+                started_at: j.started_at,
+                finished_at: j.finished_at,
+                run_at: j.run_at,
+                result: j.result.map(Into::into),
+                error: j.error,
+                idempotency_key: j.idempotency_key,
+                request_id: j.request_id,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct Interaction {
+        id: String,
+        job_id: Uuid,
+        request_id: Option<String>,
+        user_id: String,
+        guild_id: String,
+        action: domain::Action,
+        personality: Option<String>,
+        prompt: String,
+        reply: Option<String>,
+        error: Option<String>,
+        error_code: Option<String>,
+        used_fallback: bool,
+        model: Option<String>,
+        upstream_latency_ms: Option<u64>,
+        usage: Option<Usage>,
+        attempts: u32,
+        timestamp: Millis,
+    }
+
+    impl From<Interaction> for domain::Interaction {
+        fn from(e: Interaction) -> Self {
+            Self {
+                id: e.id,
+                job_id: e.job_id,
+                request_id: e.request_id,
+                user_id: e.user_id,
+                guild_id: e.guild_id,
+                action: e.action,
+                personality: e.personality,
+                prompt: e.prompt,
+                reply: e.reply,
+                error: e.error,
+                error_code: e.error_code,
+                used_fallback: e.used_fallback,
+                model: e.model,
+                upstream_latency_ms: e.upstream_latency_ms,
+                usage: e.usage,
+                cached: false,
+                attempts: e.attempts,
+                timestamp: e.timestamp,
+            }
+        }
+    }
 }
 
 pub fn encode_job(record: &StoredJob) -> Result<Vec<u8>, CodecError> {
@@ -63,10 +213,19 @@ pub fn decode_job(bytes: &[u8]) -> Result<StoredJob, CodecError> {
         (1, body) => {
             let old: StoredJobV1 = codec::decode_body(body)?;
             Ok(StoredJob {
-                job: old.job,
+                job: old.job.into(),
                 seq: old.seq,
                 log_pending: old.log_pending,
                 lease: 0,
+            })
+        }
+        (2, body) => {
+            let old: StoredJobV2 = codec::decode_body(body)?;
+            Ok(StoredJob {
+                job: old.job.into(),
+                seq: old.seq,
+                log_pending: old.log_pending,
+                lease: old.lease,
             })
         }
         (JOB_VERSION, body) => codec::decode_body(body),
@@ -78,11 +237,54 @@ pub fn decode_job(bytes: &[u8]) -> Result<StoredJob, CodecError> {
 }
 
 pub fn encode_interaction(entry: &Interaction) -> Result<Vec<u8>, CodecError> {
-    codec::encode(codec::FORMAT_VERSION, entry)
+    codec::encode(INTERACTION_VERSION, entry)
 }
 
+/// Reads an interaction entry of any version this release knows.
 pub fn decode_interaction(bytes: &[u8]) -> Result<Interaction, CodecError> {
-    codec::decode(codec::FORMAT_VERSION, bytes)
+    match codec::split(bytes)? {
+        (1, body) => Ok(codec::decode_body::<before_v3::Interaction>(body)?.into()),
+        (INTERACTION_VERSION, body) => codec::decode_body(body),
+        (found, _) => Err(CodecError::UnknownVersion {
+            found,
+            newest: INTERACTION_VERSION,
+        }),
+    }
+}
+
+/// A cache entry as the embedded store keeps it (the key is the tree's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCacheEntry {
+    pub guild_id: String,
+    pub reply: String,
+    pub model: String,
+    pub stored_at: Millis,
+    pub expires_at: Millis,
+    /// Age order, for the bound on entries: drawn from the job counter, so unique.
+    pub seq: u64,
+}
+
+impl StoredCacheEntry {
+    pub fn into_entry(self, key: CacheKey) -> CacheEntry {
+        CacheEntry {
+            key,
+            guild_id: self.guild_id,
+            reply: CachedReply {
+                reply: self.reply,
+                model: self.model,
+            },
+            stored_at: self.stored_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+pub fn encode_cache_entry(entry: &StoredCacheEntry) -> Result<Vec<u8>, CodecError> {
+    codec::encode(CACHE_VERSION, entry)
+}
+
+pub fn decode_cache_entry(bytes: &[u8]) -> Result<StoredCacheEntry, CodecError> {
+    codec::decode(CACHE_VERSION, bytes)
 }
 
 pub fn log_key(timestamp: Millis, seq: u64) -> [u8; 16] {
@@ -169,6 +371,7 @@ mod tests {
                     }),
                     processed_at: 3,
                     upstream_latency_ms: Some(7),
+                    cached: false,
                 }),
                 error: None,
                 idempotency_key: Some("k".into()),
@@ -180,77 +383,169 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_version_2_record_has_this_exact_layout() {
-        // If this fails, the stored layout changed: add a version above instead of editing
-        // these bytes, and a reader for the old one.
-        let bytes = encode_job(&sample()).unwrap();
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(
-            hex,
-            concat!(
-                "02", // record version
-                "10", // id: length 16, then the bytes
-                "0102030405060708090a0b0c0d0e0f10",
-                "0175",
-                "010167",
-                "00", // user "u", guild Some("g"), conversation
-                "026869",
-                "0102",
-                "02796f", // prompt, history [assistant "yo"]
-                "010768656c7066756c",
-                "010000003f",
-                "00", // personality, temperature 0.5, max_tokens
-                "02",
-                "01",
-                "03",
-                "03", // priority, attempts, max, state completed
-                "01",
-                "0102",
-                "0103",
-                "01",                           // created, started, finished, run_at
-                "01026f6b00016d01040509030107", // result: reply, fallback, model, usage, at, latency
-                "00",
-                "01016b",
-                "00", // error, idempotency key, request id
-                "fb2c01",
-                "01",
-                "fb2b01", // seq 300, log_pending, lease 299
-            ),
-        );
-        assert_eq!(decode_job(&bytes).unwrap(), sample());
+    /// The bytes of `sample()` up to the end of its result's latency, as every version so far
+    /// writes them (the version byte aside).
+    const FIELDS_BEFORE_CACHED: &str = concat!(
+        "10", // id: length 16, then the bytes
+        "0102030405060708090a0b0c0d0e0f10",
+        "0175",
+        "010167",
+        "00", // user "u", guild Some("g"), conversation
+        "026869",
+        "0102",
+        "02796f", // prompt, history [assistant "yo"]
+        "010768656c7066756c",
+        "010000003f",
+        "00", // personality, temperature 0.5, max_tokens
+        "02",
+        "01",
+        "03",
+        "03", // priority, attempts, max, state completed
+        "01",
+        "0102",
+        "0103",
+        "01",                           // created, started, finished, run_at
+        "01026f6b00016d01040509030107", // result: reply, fallback, model, usage, at, latency
+    );
+    /// What follows the result: error, idempotency key, request id, then `seq` and
+    /// `log_pending`.
+    const FIELDS_AFTER_RESULT: &str = concat!("00", "01016b", "00", "fb2c01", "01");
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
-    fn a_version_1_record_still_reads() {
-        #[derive(Serialize)]
-        struct V1<'a> {
-            job: &'a Job,
-            seq: u64,
-            log_pending: bool,
+    fn a_version_3_record_has_this_exact_layout() {
+        // If this fails, the stored layout changed: add a version above instead of editing
+        // these bytes, and a reader for the old one.
+        let mut record = sample();
+        if let Some(result) = record.job.result.as_mut() {
+            result.cached = true;
         }
-        let new = sample();
-        let old = codec::encode(
-            1,
-            &V1 {
-                job: &new.job,
-                seq: new.seq,
-                log_pending: new.log_pending,
-            },
-        )
-        .unwrap();
-        let read = decode_job(&old).unwrap();
-        assert_eq!(read.job, new.job);
+        let bytes = encode_job(&record).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let expected = [
+            "03", // record version
+            FIELDS_BEFORE_CACHED,
+            "01", // result: cached
+            FIELDS_AFTER_RESULT,
+            "fb2b01", // lease 299
+        ]
+        .concat();
+        assert_eq!(hex, expected);
+        assert_eq!(decode_job(&bytes).unwrap(), record);
+    }
+
+    #[test]
+    fn version_1_and_2_records_still_read() {
+        // The bytes those releases wrote, pinned when they were current.
+        let v2 = unhex(&["02", FIELDS_BEFORE_CACHED, FIELDS_AFTER_RESULT, "fb2b01"].concat());
+        assert_eq!(decode_job(&v2).unwrap(), sample(), "cached reads as false");
+        let v1 = unhex(&["01", FIELDS_BEFORE_CACHED, FIELDS_AFTER_RESULT].concat());
+        let read = decode_job(&v1).unwrap();
+        assert_eq!(read.job, sample().job);
         assert_eq!((read.seq, read.log_pending, read.lease), (300, true, 0));
-        let mut unknown = encode_job(&new).unwrap();
-        unknown[0] = 3;
+        let mut unknown = encode_job(&sample()).unwrap();
+        unknown[0] = 4;
         assert!(matches!(
             decode_job(&unknown),
             Err(CodecError::UnknownVersion {
-                found: 3,
-                newest: 2
+                found: 4,
+                newest: 3
             })
         ));
+    }
+
+    #[test]
+    fn interaction_entries_of_version_1_read_as_not_cached() {
+        let mut job = sample().job;
+        let mut entry = Interaction::for_finished(&job);
+        assert!(!entry.cached);
+        // Version 1 is today's entry without `cached`, which sits between usage and attempts.
+        let v2 = encode_interaction(&entry).unwrap();
+        #[derive(Serialize)]
+        struct V1<'a> {
+            id: &'a str,
+            job_id: uuid::Uuid,
+            request_id: &'a Option<String>,
+            user_id: &'a str,
+            guild_id: &'a str,
+            action: crate::domain::Action,
+            personality: &'a Option<String>,
+            prompt: &'a str,
+            reply: &'a Option<String>,
+            error: &'a Option<String>,
+            error_code: &'a Option<String>,
+            used_fallback: bool,
+            model: &'a Option<String>,
+            upstream_latency_ms: Option<u64>,
+            usage: Option<Usage>,
+            attempts: u32,
+            timestamp: Millis,
+        }
+        let e = &entry;
+        let v1 = codec::encode(
+            1,
+            &V1 {
+                id: &e.id,
+                job_id: e.job_id,
+                request_id: &e.request_id,
+                user_id: &e.user_id,
+                guild_id: &e.guild_id,
+                action: e.action,
+                personality: &e.personality,
+                prompt: &e.prompt,
+                reply: &e.reply,
+                error: &e.error,
+                error_code: &e.error_code,
+                used_fallback: e.used_fallback,
+                model: &e.model,
+                upstream_latency_ms: e.upstream_latency_ms,
+                usage: e.usage,
+                attempts: e.attempts,
+                timestamp: e.timestamp,
+            },
+        )
+        .unwrap();
+        assert_eq!(v1.len() + 1, v2.len(), "one byte more: the flag");
+        assert_eq!(decode_interaction(&v1).unwrap(), entry);
+        if let Some(result) = job.result.as_mut() {
+            result.cached = true;
+        }
+        entry = Interaction::for_finished(&job);
+        assert!(entry.cached);
+        let bytes = encode_interaction(&entry).unwrap();
+        assert_eq!(bytes[0], INTERACTION_VERSION);
+        assert_eq!(decode_interaction(&bytes).unwrap(), entry);
+    }
+
+    #[test]
+    fn a_cache_entry_round_trips() {
+        let stored = StoredCacheEntry {
+            guild_id: "g".into(),
+            reply: "Read #rules.".into(),
+            model: "m".into(),
+            stored_at: 5,
+            expires_at: 9,
+            seq: 7,
+        };
+        let bytes = encode_cache_entry(&stored).unwrap();
+        assert_eq!(
+            bytes,
+            unhex("0101670c52656164202372756c65732e016d050907"),
+            "version, guild, reply, model, stored, expires, seq"
+        );
+        let key = CacheKey([3; 32]);
+        let entry = decode_cache_entry(&bytes).unwrap().into_entry(key);
+        assert_eq!(
+            (entry.key, entry.reply.reply.as_str()),
+            (key, "Read #rules.")
+        );
+        assert_eq!((entry.stored_at, entry.expires_at), (5, 9));
     }
 
     #[test]

@@ -34,12 +34,15 @@ use uuid::Uuid;
 
 use super::{SledQueue, is_disk_failure};
 use crate::clock::{Millis, SharedClock};
-use crate::domain::{Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob, QueueCounts};
+use crate::domain::{
+    CacheKey, CachedReply, Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob,
+    QueueCounts,
+};
 use crate::signals::JobNotifier;
 use crate::store::{
     Claimed, DiskStatus, EmbeddedOptions, FailOutcome, InteractionLog, JobStore, Lease,
-    Maintenance, Pushed, RateLimits, RateTake, StoreError, StoreHealth, StoreOptions, StoreStatus,
-    Unavailable,
+    Maintenance, Pushed, RateLimits, RateTake, ReplyCache, StoreError, StoreHealth, StoreOptions,
+    StoreStatus, Unavailable,
 };
 
 /// How often the monitor measures free space and, when broken, tries to reopen.
@@ -330,6 +333,12 @@ impl JobStore for ResilientQueue {
         self.watch(queue.push_claimed(job).await)
     }
 
+    async fn push_finished(&self, job: NewJob, result: JobResult) -> Result<Pushed, StoreError> {
+        self.accepting_now()?;
+        let queue = self.queue()?;
+        self.watch(queue.push_finished(job, result).await)
+    }
+
     async fn claim(&self) -> Result<Option<Claimed>, StoreError> {
         // A broken store cannot mark a job active; the reopen wakes the workers.
         if self.shared.broken().is_some() {
@@ -457,6 +466,39 @@ impl RateLimits for ResilientQueue {
     ) -> Result<Option<RateTake>, StoreError> {
         // One process owns the directory: the app's in-process limiter is exact.
         Ok(None)
+    }
+}
+
+#[async_trait]
+impl ReplyCache for ResilientQueue {
+    async fn cache_get(
+        &self,
+        key: &CacheKey,
+        max_age_ms: u64,
+    ) -> Result<Option<CachedReply>, StoreError> {
+        self.queue()?.cache_get(key, max_age_ms).await
+    }
+
+    async fn cache_put(
+        &self,
+        key: &CacheKey,
+        guild_id: &str,
+        reply: &CachedReply,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        // Below the reserve, the disk is kept for jobs.
+        self.accepting_now()?;
+        let queue = self.queue()?;
+        self.watch(queue.cache_put(key, guild_id, reply, ttl_ms).await)
+    }
+
+    async fn cache_clear(&self, guild_id: Option<&str>) -> Result<u64, StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.cache_clear(guild_id).await)
+    }
+
+    async fn cache_len(&self) -> Result<u64, StoreError> {
+        self.queue()?.cache_len().await
     }
 }
 

@@ -35,6 +35,7 @@ fn options(dir: &std::path::Path) -> (StoreOptions, EmbeddedOptions) {
     let mut options = StoreOptions::embedded(dir);
     options.keep_completed = 3;
     options.keep_failed = 2;
+    options.cache_max_entries = 5;
     let StoreBackend::Embedded(embedded) = options.backend.clone() else {
         unreachable!("built as embedded")
     };

@@ -17,6 +17,11 @@
 //! With `--durability strict` a commit returns once its WAL is on disk (`synchronous_commit`
 //! on, PostgreSQL's default); `relaxed` turns it off for this store's connections.
 //!
+//! - **push_finished** (a reply from the cache): the job inserted `completed`, with its
+//!   interaction entry, in one transaction.
+//! - **cache**: one row per key in `chatq_cache`; a put upserts and removes what fell out of
+//!   the newest `--cache-max-entries` stored (by `seq`, an index range, not a count).
+//!
 //! Other replicas hear of new work and finished jobs through LISTEN/NOTIFY (`listen.rs`).
 //!
 //! Times come from the database's clock, unless the store was opened on a test clock (see
@@ -102,14 +107,14 @@ pub use schema::{NewerSchema, VERSION as SCHEMA_VERSION};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::interaction::MAX_PAGE;
 use crate::domain::{
-    Action, ChatRequest, Cursor, Interaction, Job, JobError, JobResult, JobState, LogPage,
-    LogQuery, NewJob, QueueCounts, Usage,
+    Action, CacheKey, CachedReply, ChatRequest, Cursor, Interaction, Job, JobError, JobResult,
+    JobState, LogPage, LogQuery, NewJob, QueueCounts, Usage,
 };
 use crate::signals::JobNotifier;
 use crate::store::{
     Claimed, Durability, FailOutcome, InteractionLog, JobStore, Lease, Maintenance,
-    PostgresOptions, Pushed, RateLimits, RateTake, StoreError, StoreHealth, StoreOptions,
-    StoreStatus, Unavailable,
+    PostgresOptions, Pushed, RateLimits, RateTake, ReplyCache, StoreError, StoreHealth,
+    StoreOptions, StoreStatus, Unavailable,
 };
 
 /// Taken (per transaction) by the replica that applies retention, so one prunes at a time.
@@ -130,7 +135,7 @@ const JOB_COLUMNS: &str = "id, user_id, guild_id, conversation_id, request, prio
 
 const LOG_COLUMNS: &str = "ts_ms, seq, job_id, request_id, user_id, guild_id, action, \
     personality, prompt, reply, error, error_code, used_fallback, model, upstream_latency_ms, \
-    usage, attempts";
+    usage, cached, attempts";
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
@@ -300,6 +305,7 @@ fn interaction_from(row: &Row) -> Result<Interaction, StoreError> {
             .try_get::<_, Option<i64>>("upstream_latency_ms")?
             .map(ms),
         usage: usage.map(|Json(u)| u),
+        cached: row.try_get("cached")?,
         attempts: u32::try_from(attempts).map_err(|e| corrupt("attempts", e))?,
         timestamp: ms(ts_ms),
     })
@@ -516,6 +522,35 @@ impl PgStore {
         Ok(job)
     }
 
+    /// Why an insert under `id` changed nothing: the idempotency key `key` of `user_id` names an
+    /// existing job (returned, not created), or else the pre-assigned id is taken.
+    async fn existing(
+        &self,
+        id: Uuid,
+        user_id: &str,
+        key: Option<&str>,
+    ) -> Result<Pushed, StoreError> {
+        if let Some(key) = key {
+            static SQL: LazyLock<String> = LazyLock::new(|| {
+                format!(
+                    "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE user_id = $1 AND idempotency_key = $2"
+                )
+            });
+            if let Some(job) = self
+                .query_jobs(SQL.as_str(), &[&user_id, &key])
+                .await?
+                .into_iter()
+                .next()
+            {
+                return Ok(Pushed {
+                    job,
+                    created: false,
+                });
+            }
+        }
+        Err(StoreError::id_taken(id))
+    }
+
     /// Puts back claims whose lease ran out; returns how many.
     async fn rescue(&self) -> Result<u64, StoreError> {
         let client = self.client().await?;
@@ -582,6 +617,9 @@ impl PgStore {
         // Limit keys whose bucket is whole again say nothing a missing key would not.
         let now = self.clock.now_ms() as i64;
         tx.execute("DELETE FROM chatq_rate WHERE tat < $1", &[&now])
+            .await?;
+        removed += tx
+            .execute("DELETE FROM chatq_cache WHERE expires_at <= $1", &[&now])
             .await?;
         let retention = self.options.log_retention;
         if let Some(age) = retention.max_age_ms {
@@ -720,8 +758,8 @@ async fn insert_interaction(
         .prepare_cached(
             "INSERT INTO chatq_interactions (ts_ms, job_id, request_id, user_id, guild_id, action,
                  personality, prompt, reply, error, error_code, used_fallback, model,
-                 upstream_latency_ms, usage, attempts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                 upstream_latency_ms, usage, attempts, cached)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
              ON CONFLICT (job_id) DO NOTHING",
         )
         .await?;
@@ -746,6 +784,7 @@ async fn insert_interaction(
             &latency,
             &usage,
             &(e.attempts as i32),
+            &e.cached,
         ],
     )
     .await?;
@@ -758,29 +797,63 @@ impl JobStore for PgStore {
         let id = new.id.unwrap_or_else(Uuid::new_v4);
         let (user_id, key) = (new.user_id.clone(), new.idempotency_key.clone());
         // Committed with whatever else is being pushed at this moment (`batch.rs`).
-        if let Some(job) = self.batcher.push(id, new).await? {
-            return Ok(Pushed { job, created: true });
-        }
-        if let Some(key) = &key {
-            static SQL: LazyLock<String> = LazyLock::new(|| {
-                format!(
-                    "SELECT {JOB_COLUMNS} FROM chatq_jobs WHERE user_id = $1 AND idempotency_key = $2"
-                )
-            });
-            if let Some(job) = self
-                .query_jobs(SQL.as_str(), &[&user_id, key])
-                .await?
-                .into_iter()
-                .next()
-            {
-                return Ok(Pushed {
-                    job,
-                    created: false,
-                });
-            }
-        }
-        // Not the key, so the id: a pre-assigned id that is already taken.
-        Err(StoreError::id_taken(id))
+        let Some(job) = self.batcher.push(id, new).await? else {
+            return self.existing(id, &user_id, key.as_deref()).await;
+        };
+        Ok(Pushed { job, created: true })
+    }
+
+    async fn push_finished(&self, new: NewJob, result: JobResult) -> Result<Pushed, StoreError> {
+        let id = new.id.unwrap_or_else(Uuid::new_v4);
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "INSERT INTO chatq_jobs (id, seq, user_id, guild_id, conversation_id, request,
+                 priority, max_attempts, state, created_at, run_at, started_at, finished_at,
+                 result, idempotency_key, request_id)
+             SELECT $2, nextval('chatq_seq'), $3, $4, $5, $6, $7, $8, 'completed',
+                 now.ms, now.ms, now.ms, now.ms, $9, $10, $11
+             FROM (SELECT {now} AS ms) now
+             ON CONFLICT DO NOTHING
+             RETURNING {JOB_COLUMNS}",
+                now = schema::NOW
+            )
+        });
+        let (request, result) = (Json(&new.request), Json(&result));
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let statement = tx.prepare_cached(SQL.as_str()).await?;
+        let row = tx
+            .query_opt(
+                &statement,
+                &[
+                    &self.now(),
+                    &id,
+                    &new.user_id,
+                    &new.guild_id,
+                    &new.conversation_id,
+                    &request,
+                    &i64::from(new.priority),
+                    &(new.max_attempts.max(1) as i32),
+                    &result,
+                    &new.idempotency_key,
+                    &new.request_id,
+                ],
+            )
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            drop(client);
+            return self
+                .existing(id, &new.user_id, new.idempotency_key.as_deref())
+                .await;
+        };
+        let job = job_from(&row)?;
+        insert_interaction(&tx, &Interaction::for_finished(&job)).await?;
+        tx.commit().await?;
+        self.committed();
+        self.notifier.job_finished(&job);
+        self.announce.done(job.id);
+        Ok(Pushed { job, created: true })
     }
 
     async fn push_claimed(&self, new: NewJob) -> Result<Option<Claimed>, StoreError> {
@@ -1262,6 +1335,110 @@ impl RateLimits for PgStore {
             }
         };
         Ok(Some(take))
+    }
+}
+
+#[async_trait]
+impl ReplyCache for PgStore {
+    async fn cache_get(
+        &self,
+        key: &CacheKey,
+        max_age_ms: u64,
+    ) -> Result<Option<CachedReply>, StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT reply, model FROM chatq_cache, (SELECT {now} AS ms) now
+             WHERE key = $2 AND expires_at > now.ms AND stored_at + $3 > now.ms",
+                now = schema::NOW
+            )
+        });
+        let max_age = i64::try_from(max_age_ms).unwrap_or(i64::MAX / 2);
+        let client = self.client().await?;
+        let statement = client.prepare_cached(SQL.as_str()).await?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[&self.now(), &key.as_bytes().as_slice(), &max_age],
+            )
+            .await?;
+        row.map(|row| {
+            Ok(CachedReply {
+                reply: row.try_get(0)?,
+                model: row.try_get(1)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// One statement: the upsert, and the removal of entries whose `seq` is not among the
+    /// newest `cache_max_entries` handed out. That keeps the bound with an index range
+    /// (usually one row) instead of a count per put; entries removed early (expired, cleared,
+    /// replaced) leave gaps in that window, so the table can hold fewer than the bound, never
+    /// more.
+    async fn cache_put(
+        &self,
+        key: &CacheKey,
+        guild_id: &str,
+        reply: &CachedReply,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH now AS (SELECT {now} AS ms),
+             up AS (INSERT INTO chatq_cache (key, guild_id, reply, model, stored_at,
+                        expires_at, seq)
+                    SELECT $2, $3, $4, $5, now.ms, now.ms + $6, nextval('chatq_cache_seq')
+                    FROM now
+                    ON CONFLICT (key) DO UPDATE SET guild_id = excluded.guild_id,
+                        reply = excluded.reply, model = excluded.model,
+                        stored_at = excluded.stored_at, expires_at = excluded.expires_at,
+                        seq = excluded.seq
+                    RETURNING seq)
+             DELETE FROM chatq_cache WHERE seq <= (SELECT seq FROM up) - $7",
+                now = schema::NOW
+            )
+        });
+        let ttl = i64::try_from(ttl_ms).unwrap_or(i64::MAX / 2);
+        let max = i64::try_from(self.options.cache_max_entries).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let statement = client.prepare_cached(SQL.as_str()).await?;
+        client
+            .execute(
+                &statement,
+                &[
+                    &self.now(),
+                    &key.as_bytes().as_slice(),
+                    &guild_id,
+                    &reply.reply,
+                    &reply.model,
+                    &ttl,
+                    &max,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn cache_clear(&self, guild_id: Option<&str>) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let removed = match guild_id {
+            None => client.execute("DELETE FROM chatq_cache", &[]).await?,
+            Some(guild) => {
+                client
+                    .execute("DELETE FROM chatq_cache WHERE guild_id = $1", &[&guild])
+                    .await?
+            }
+        };
+        Ok(removed)
+    }
+
+    async fn cache_len(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM chatq_cache", &[])
+            .await?
+            .get(0);
+        Ok(n.max(0) as u64)
     }
 }
 

@@ -11,7 +11,7 @@ use deadpool_postgres::Client;
 use crate::store::StoreError;
 
 /// The schema version this release writes and reads.
-pub const VERSION: i32 = 2;
+pub const VERSION: i32 = 3;
 
 /// Taken for the whole migration, so that one replica migrates and the others wait.
 const MIGRATION_LOCK: i64 = 0x6368_6174_7100_0001;
@@ -21,7 +21,7 @@ const MIGRATION_LOCK: i64 = 0x6368_6174_7100_0001;
 pub const NOW: &str = "chatq_now_ms($1::bigint)";
 
 /// Each migration, in order; migration `n` brings the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r#"
 CREATE FUNCTION chatq_now_ms(given bigint) RETURNS bigint LANGUAGE sql VOLATILE AS
   $$ SELECT coalesce(given, (extract(epoch FROM clock_timestamp()) * 1000)::bigint) $$;
@@ -101,6 +101,26 @@ CREATE TABLE chatq_rate (
   key text PRIMARY KEY,
   tat bigint NOT NULL
 ) WITH (fillfactor = 50);
+"#,
+    r#"
+-- Whether an interaction's reply came from the response cache.
+ALTER TABLE chatq_interactions ADD COLUMN cached bool NOT NULL DEFAULT false;
+
+-- The response cache, shared by every replica. `seq` orders entries by age: the bound on
+-- entries keeps those among the newest N stored (see `ReplyCache::cache_put`).
+CREATE SEQUENCE chatq_cache_seq;
+CREATE TABLE chatq_cache (
+  key bytea PRIMARY KEY,
+  guild_id text NOT NULL,
+  reply text NOT NULL,
+  model text NOT NULL,
+  stored_at bigint NOT NULL,
+  expires_at bigint NOT NULL,
+  seq bigint NOT NULL
+);
+CREATE INDEX chatq_cache_age ON chatq_cache (seq);
+CREATE INDEX chatq_cache_expiry ON chatq_cache (expires_at);
+CREATE INDEX chatq_cache_guild ON chatq_cache (guild_id);
 "#,
 ];
 

@@ -134,6 +134,7 @@ impl Backend for Postgres {
             let mut options = StoreOptions::postgres(self.database.options());
             options.keep_completed = 3;
             options.keep_failed = 2;
+            options.cache_max_entries = 5;
             let crate::store::Backend::Postgres(pg) = options.backend.clone() else {
                 unreachable!("built as postgres")
             };
