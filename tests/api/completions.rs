@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::helpers::{MockUpstream, Reply, TestApp, spawn_app};
 
 /// Reads an SSE body into its `data:` payloads, checking the framing on the way.
-async fn sse_events(response: reqwest::Response) -> Vec<String> {
+pub async fn sse_events(response: reqwest::Response) -> Vec<String> {
     assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]
@@ -29,7 +29,7 @@ async fn sse_events(response: reqwest::Response) -> Vec<String> {
         .collect()
 }
 
-fn content_of(events: &[String]) -> String {
+pub fn content_of(events: &[String]) -> String {
     events
         .iter()
         .filter(|e| *e != "[DONE]")
@@ -42,7 +42,7 @@ fn content_of(events: &[String]) -> String {
         .collect()
 }
 
-async fn post_completion(app: &TestApp, body: Value) -> reqwest::Response {
+pub async fn post_completion(app: &TestApp, body: Value) -> reqwest::Response {
     app.http
         .post(app.url("/v1/chat/completions"))
         .json(&body)

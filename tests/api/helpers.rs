@@ -301,10 +301,24 @@ pub async fn spawn_app(configure: impl FnOnce(&mut Config)) -> TestApp {
 }
 
 pub async fn spawn_app_in(dir: tempfile::TempDir, config: Config) -> TestApp {
+    spawn_app_on(dir, config, chatq::clock::system()).await
+}
+
+/// Starts chatq on `clock` (a test drives expiry and due times with a manual one).
+pub async fn spawn_app_on(
+    dir: tempfile::TempDir,
+    config: Config,
+    clock: chatq::clock::SharedClock,
+) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(chatq::app::run(listener, config, shutdown.clone()));
+    let server = tokio::spawn(chatq::app::run_with_clock(
+        listener,
+        config,
+        clock,
+        shutdown.clone(),
+    ));
     TestApp {
         addr,
         http: reqwest::Client::new(),

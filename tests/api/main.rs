@@ -6,6 +6,7 @@ mod hostile;
 
 mod admin;
 mod browser;
+mod cache;
 mod chaos;
 mod completions;
 mod crash;

@@ -657,3 +657,57 @@ async fn three_replicas_one_killed_mid_run_lose_nothing_and_log_each_job_once() 
     }
     db.drop_it().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_response_cache_across_a_sigkill() {
+    use crate::helpers::{MockUpstream, Reply};
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    upstream.set_default(Reply::text("Pinned in #welcome."));
+    let env = upstream.env();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--database-url", db.url.as_str(), "--cache-ttl-secs", "600"];
+    let (mut a, base_a) = start_chatq_with_env(&dir.path().join("a"), &args, &env);
+    let (mut b, base_b) = start_chatq_with_env(&dir.path().join("b"), &args, &env);
+    let http = reqwest::Client::new();
+    let ask = |base: String| {
+        let http = http.clone();
+        async move {
+            let response = http
+                .post(format!("{base}/v1/chat/jobs"))
+                .json(&json!({"user_id": "u", "guild_id": "g", "prompt": "Where are the rules?"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+            let verdict = response.headers()["x-chatq-cache"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let id = response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let job = get_json(&http, &format!("{base}/v1/chat/jobs/{id}?wait=10")).await;
+            assert_eq!(job["status"], "completed", "{job}");
+            (verdict, job)
+        }
+    };
+    let (verdict, first) = ask(base_a.clone()).await;
+    assert_eq!(verdict, "miss");
+    // The replica that stored it dies; the entry is the database's.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let (verdict, second) = ask(base_b.clone()).await;
+    assert_eq!(verdict, "hit", "B answers from the entry A stored");
+    assert_eq!(second["result"]["cached"], true);
+    assert_eq!(second["result"]["reply"], first["result"]["reply"]);
+    assert_eq!(upstream.request_count(), 1);
+    let stats = get_json(&http, &format!("{base_b}/v1/queue/stats")).await;
+    assert_eq!(stats["cache"]["entries"], 1, "{stats}");
+    b.kill().unwrap();
+    b.wait().unwrap();
+    db.drop_it().await;
+}
