@@ -680,6 +680,70 @@ async fn round_trips(upstream: SocketAddr, mock: &Mock) {
     );
 }
 
+/// Submit-and-wait round trips with the response cache on: a miss (a prompt never asked
+/// before: queue, worker, upstream) and a hit (the same prompt again: answered at the front
+/// door), alternating in one run. The mock answers at once, so a miss here costs only
+/// chatq's own path; a real upstream adds its whole latency to every miss and none to a hit.
+async fn cache_round_trips(upstream: SocketAddr) {
+    let chatq = Chatq::fresh(
+        Some(upstream),
+        &["--cache-ttl-secs", "3600", "--cache-max-entries", "100000"],
+    );
+    let n = 2_000;
+    let mut conn = RawConnection::open(&chatq.base).await;
+    let mut round_trip = async |prompt: String, expected: &str| -> Duration {
+        let body = json!({"user_id": "rt", "guild_id": "g", "prompt": prompt});
+        let submit = raw_request("POST", &chatq.base, "/v1/chat/jobs", Some(&body));
+        let t = Instant::now();
+        let (status, answer) = conn.send(&submit).await;
+        assert_eq!(status, 202);
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(answer["status"], expected, "{answer}");
+        let id = answer["id"].as_str().unwrap();
+        let wait = raw_request(
+            "GET",
+            &chatq.base,
+            &format!("/v1/chat/jobs/{id}?wait=10"),
+            None,
+        );
+        let (status, job) = conn.send(&wait).await;
+        assert_eq!(status, 200);
+        let job: Value = serde_json::from_slice(&job).unwrap();
+        assert_eq!(job["result"]["cached"], expected == "completed", "{job}");
+        t.elapsed()
+    };
+    let repeated = "What is the capital of France?".to_owned();
+    round_trip(repeated.clone(), "queued").await;
+    let (mut misses, mut hits) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n + 100 {
+        let miss = round_trip(format!("What is the capital of country {i}?"), "queued").await;
+        let hit = round_trip(repeated.clone(), "completed").await;
+        if i >= 100 {
+            misses.push(miss);
+            hits.push(hit);
+        }
+    }
+    latency_row(
+        "cache miss: submit-and-wait round trip (new prompt, upstream called)",
+        &format!("{n} jobs"),
+        &mut misses,
+    );
+    latency_row(
+        "cache hit: submit-and-wait round trip (same prompt, no worker, no upstream)",
+        &format!("{n} jobs"),
+        &mut hits,
+    );
+    row(
+        "hit / miss (p50)",
+        format!(
+            "{:.2}",
+            percentile(&hits, 0.5) / percentile(&misses, 0.5)
+        ),
+        None,
+        None,
+    );
+}
+
 /// Streams `body` to `url`, reads the whole answer, and returns when the first delta came.
 async fn first_delta_at(http: &reqwest::Client, url: &str, body: &Value) -> Instant {
     use futures_util::StreamExt;
@@ -870,6 +934,9 @@ fn main() {
         }
         if wanted("roundtrip") {
             round_trips(upstream, &mock).await;
+        }
+        if wanted("cache") {
+            cache_round_trips(upstream).await;
         }
         if wanted("ready") {
             time_to_ready().await;
