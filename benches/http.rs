@@ -735,10 +735,7 @@ async fn cache_round_trips(upstream: SocketAddr) {
     );
     row(
         "hit / miss (p50)",
-        format!(
-            "{:.2}",
-            percentile(&hits, 0.5) / percentile(&misses, 0.5)
-        ),
+        format!("{:.2}", percentile(&hits, 0.5) / percentile(&misses, 0.5)),
         None,
         None,
     );

@@ -17,6 +17,8 @@
 //! - [`validate`]: message validation rules, single and bulk.
 //! - [`limiter`]: the per-user governor limiter and its numbers for the headers.
 //! - [`bot`]: the chat bot: prompts, personalities, the OpenAI-compatible client, fallbacks.
+//! - [`cache`]: the response cache: its key, what may be stored, one upstream call for
+//!   identical requests in flight.
 //! - [`worker`]: the worker pool: claim, run, retry with backoff, complete.
 //! - [`http`]: routes (one file per resource) and the one API error type.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics; tracing setup.

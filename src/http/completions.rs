@@ -18,6 +18,9 @@
 //!   job's finish) that owns both registrations: a client that disconnects drops it, and the
 //!   job goes on and is logged. Keep-alive comments go out while the first token is awaited,
 //!   so a proxy does not take a slow upstream for an idle connection.
+//! - A response-cache hit (`crate::cache`) is answered in the same shapes: the job is added
+//!   completed, and the stream (or the completion) carries the stored reply; every answer
+//!   says `x-chatq-cache: hit | miss | off`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
