@@ -61,8 +61,13 @@ pub async fn submit(
             Json(LegacyAccepted {
                 ok: true,
                 job_id: pushed.job.id.to_string(),
-                // `completed` when the reply came from the cache.
-                status: bullmq_state(pushed.job.state),
+                // What the replaced system said of every new job; `completed` when the reply
+                // came from the cache.
+                status: if pushed.job.state == JobState::Completed {
+                    "completed"
+                } else {
+                    "queued"
+                },
             }),
         );
         jobs::with_cache_header(response.into_response(), verdict)
