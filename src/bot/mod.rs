@@ -151,7 +151,7 @@ impl ChatBot {
         let personality = self.personalities.resolve(request.personality.as_deref());
         UpstreamPlan {
             personality: personality.name.clone(),
-            model: self.model.clone(),
+            model: request.model.clone().unwrap_or_else(|| self.model.clone()),
             messages: prompt::build_messages(guild_id, personality, request),
             max_tokens: request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             temperature: request.temperature.unwrap_or(personality.temperature),

@@ -1,5 +1,6 @@
 //! Building the message list sent upstream: chatq's system prompt (guild-aware, plus the
-//! personality), the last 10 messages of history, then the user's prompt.
+//! personality and the guild's own instructions), the last 10 messages of history, then the
+//! user's prompt.
 
 use serde::Serialize;
 
@@ -45,9 +46,19 @@ pub fn build_messages(
         request.history.iter().partition(|m| m.role == Role::System);
     let history = &history[history.len().saturating_sub(MAX_HISTORY)..];
     let mut messages = Vec::with_capacity(system.len() + history.len() + 2);
+    let mut system_text = system_prompt(guild_id, personality);
+    if let Some(instructions) = request
+        .instructions
+        .as_deref()
+        .filter(|i| !i.trim().is_empty())
+    {
+        // The guild's own instructions come last: the admin's word on top of ours.
+        system_text.push_str("\n\n");
+        system_text.push_str(instructions.trim());
+    }
     messages.push(WireMessage {
         role: Role::System.as_str(),
-        content: system_prompt(guild_id, personality),
+        content: system_text,
     });
     messages.extend(system.into_iter().map(wire));
     messages.extend(history.iter().copied().map(wire));
@@ -79,6 +90,8 @@ mod tests {
             personality: None,
             temperature: None,
             max_tokens: None,
+            model: None,
+            instructions: None,
         }
     }
 

@@ -94,6 +94,12 @@ pub struct ChatRequest {
     pub temperature: Option<f32>,
     /// Overrides the default `max_tokens`.
     pub max_tokens: Option<u32>,
+    /// The model to ask (a guild's setting); `None`: the server's.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The guild's instructions, added to the system prompt.
+    #[serde(default)]
+    pub instructions: Option<String>,
 }
 
 /// Token usage of one reply, as chatq records it (the upstream's wire type is separate, in
@@ -192,6 +198,8 @@ impl NewJob {
                 personality: None,
                 temperature: None,
                 max_tokens: None,
+                model: None,
+                instructions: None,
             },
             priority: 0,
             delay_ms: 0,

@@ -2,10 +2,15 @@
 //! (front door, bot, workers, stores) speaks these types; none of them knows a backend.
 
 pub mod cache;
+pub mod guild;
 pub mod interaction;
 pub mod job;
 
 pub use cache::{CacheEntry, CacheKey, CachedReply};
+pub use guild::{
+    GroupBy, Guild, GuildSettings, RateLimitSetting, Turn, UsageQuery, UsageRow, time_key,
+    utc_day_start,
+};
 pub use interaction::{Action, Cursor, GLOBAL_GUILD, Interaction, LogPage, LogQuery};
 pub use job::{
     ChatRequest, Job, JobError, JobResult, JobState, Message, NewJob, QueueCounts, Role, Usage,

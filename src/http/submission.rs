@@ -235,6 +235,8 @@ pub fn parse(state: &AppState, request: SubmitRequest) -> Result<NewJob, ApiErro
             personality: request.personality,
             temperature: request.temperature,
             max_tokens: request.max_tokens,
+            model: None,
+            instructions: None,
         },
         priority,
         delay_ms,

@@ -152,6 +152,10 @@ macro_rules! store_contract {
             a_job_pushed_finished_is_completed_logged_and_announced_even_while_paused,
             cache_entries_are_served_until_they_expire_and_survive_reopen,
             the_cache_keeps_at_most_its_bound_newest_first_and_clears_by_guild,
+            guild_settings_are_stored_replaced_listed_and_removed,
+            a_completed_job_of_a_conversation_adds_its_turn_once,
+            a_conversation_keeps_its_newest_turns_and_forgets_old_ones,
+            usage_totals_are_the_logs_grouped,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -1102,4 +1106,308 @@ pub async fn the_cache_keeps_at_most_its_bound_newest_first_and_clears_by_guild(
     assert_eq!(store.cache_clear(Some("nobody")).await.unwrap(), 0);
     assert_eq!(store.cache_clear(None).await.unwrap(), 1);
     assert_eq!(store.cache_len().await.unwrap(), 0);
+}
+
+pub async fn guild_settings_are_stored_replaced_listed_and_removed(mut h: Harness) {
+    use crate::domain::{GuildSettings, RateLimitSetting};
+    let store = h.store().clone();
+    assert_eq!(store.guild("g1").await.unwrap(), None);
+    let settings = GuildSettings {
+        personality: Some("technical".into()),
+        instructions: Some("Answer in French.".into()),
+        model: Some("m-large".into()),
+        temperature: Some(0.25),
+        max_tokens: Some(99),
+        rate_limit: Some(RateLimitSetting {
+            limit: 3,
+            window_secs: 30,
+        }),
+        daily_token_quota: Some(1_000),
+        cache_ttl_secs: Some(0),
+        history_turns: Some(4),
+        allowed_personalities: Some(vec!["technical".into(), "helpful".into()]),
+    };
+    let stored = store.put_guild("g1", &settings).await.unwrap();
+    assert_eq!(
+        (
+            stored.guild_id.as_str(),
+            &stored.settings,
+            stored.updated_at
+        ),
+        ("g1", &settings, T0)
+    );
+    store
+        .put_guild("a0", &GuildSettings::default())
+        .await
+        .unwrap();
+    h.clock.advance(5);
+    let replaced = GuildSettings {
+        history_turns: Some(0),
+        ..GuildSettings::default()
+    };
+    store.put_guild("g1", &replaced).await.unwrap();
+    drop(store);
+    h.reopen().await;
+    let store = h.store().clone();
+    let g1 = store.guild("g1").await.unwrap().expect("settings survive");
+    assert_eq!(
+        (g1.settings, g1.updated_at),
+        (replaced, T0 + 5),
+        "a put replaces"
+    );
+    let ids: Vec<String> = store
+        .guilds()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.guild_id)
+        .collect();
+    assert_eq!(ids, ["a0", "g1"], "by id");
+    assert!(store.delete_guild("g1").await.unwrap());
+    assert!(!store.delete_guild("g1").await.unwrap());
+    assert_eq!(store.guild("g1").await.unwrap(), None);
+    assert_eq!(store.guilds().await.unwrap().len(), 1);
+}
+
+fn in_conversation(guild: Option<&str>, conversation: &str, prompt: &str) -> NewJob {
+    let mut new = NewJob::prompt("u", prompt);
+    new.guild_id = guild.map(str::to_owned);
+    new.conversation_id = Some(conversation.to_owned());
+    new
+}
+
+pub async fn a_completed_job_of_a_conversation_adds_its_turn_once(mut h: Harness) {
+    use crate::domain::GLOBAL_GUILD;
+    let job = h.push(in_conversation(Some("g"), "c", "hi")).await;
+    let claimed = h.claim().await;
+    h.store()
+        .complete(&claimed.lease, result("hello"))
+        .await
+        .unwrap();
+    h.clock.advance(1);
+    // Another guild's conversation of the same id, one outside any guild, a failed job and
+    // a reply from the cache.
+    h.push(in_conversation(Some("other"), "c", "elsewhere"))
+        .await;
+    let claimed = h.claim().await;
+    h.store()
+        .complete(&claimed.lease, result("there"))
+        .await
+        .unwrap();
+    h.push(in_conversation(None, "c", "no guild")).await;
+    let claimed = h.claim().await;
+    h.store()
+        .complete(&claimed.lease, result("global"))
+        .await
+        .unwrap();
+    h.push(in_conversation(Some("g"), "c", "fails")).await;
+    let claimed = h.claim().await;
+    h.store()
+        .fail(&claimed.lease, err("bad_request"), None)
+        .await
+        .unwrap();
+    h.clock.advance(1);
+    let mut hit = result("hello again");
+    hit.cached = true;
+    h.store()
+        .push_finished(in_conversation(Some("g"), "c", "hi again"), hit)
+        .await
+        .unwrap();
+
+    h.reopen().await;
+    let store = h.store().clone();
+    let turns = store.turns("g", "c", 10).await.unwrap();
+    let said: Vec<(&str, &str)> = turns
+        .iter()
+        .map(|t| (t.prompt.as_str(), t.reply.as_str()))
+        .collect();
+    assert_eq!(
+        said,
+        [("hi", "hello"), ("hi again", "hello again")],
+        "oldest first"
+    );
+    assert_eq!(turns[0].job_id, job.id);
+    assert_eq!((turns[0].at, turns[0].user_id.as_str()), (T0, "u"));
+    assert_eq!(
+        store.turns("g", "c", 1).await.unwrap()[0].prompt,
+        "hi again"
+    );
+    assert_eq!(store.turns("other", "c", 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store.turns(GLOBAL_GUILD, "c", 10).await.unwrap()[0].reply,
+        "global"
+    );
+    assert!(store.turns("g", "nope", 10).await.unwrap().is_empty());
+
+    assert_eq!(store.forget("g", "c").await.unwrap(), 2);
+    assert!(store.turns("g", "c", 10).await.unwrap().is_empty());
+    assert_eq!(store.turns("other", "c", 10).await.unwrap().len(), 1);
+    drop(store);
+    h.reopen().await;
+    assert!(
+        h.store().turns("g", "c", 10).await.unwrap().is_empty(),
+        "forgotten for good"
+    );
+}
+
+pub async fn a_conversation_keeps_its_newest_turns_and_forgets_old_ones(h: Harness) {
+    use crate::store::MAX_TURNS;
+    let store = h.store();
+    let n = MAX_TURNS + 5;
+    for i in 0..n {
+        store
+            .push_finished(
+                in_conversation(Some("g"), "long", &format!("p{i}")),
+                result("r"),
+            )
+            .await
+            .unwrap();
+        h.clock.advance(1);
+    }
+    let turns = store.turns("g", "long", 1_000).await.unwrap();
+    assert_eq!(turns.len(), MAX_TURNS);
+    assert_eq!(turns[0].prompt, "p5", "the oldest went first");
+    assert_eq!(turns[MAX_TURNS - 1].prompt, format!("p{}", n - 1));
+    // 30 days (the contract's backends keep the default age).
+    h.clock.advance(30 * 86_400_000 - 100);
+    store
+        .push_finished(in_conversation(Some("g"), "fresh", "new"), result("r"))
+        .await
+        .unwrap();
+    h.clock.advance(200);
+    store.prune().await.unwrap();
+    assert!(store.turns("g", "long", 1_000).await.unwrap().is_empty());
+    assert_eq!(store.turns("g", "fresh", 10).await.unwrap().len(), 1);
+}
+
+pub async fn usage_totals_are_the_logs_grouped(h: Harness) {
+    use crate::domain::{GroupBy, UsageQuery, UsageRow, time_key};
+    let store = h.store();
+    let finish = |user: &str, guild: Option<&str>| {
+        let mut new = NewJob::prompt(user, "q");
+        new.guild_id = guild.map(str::to_owned);
+        new
+    };
+    // Day one: u1 completes twice in g1 (once from the cache), u2 fails in g1.
+    for (user, guild, outcome) in [
+        ("u1", Some("g1"), "ok"),
+        ("u2", Some("g1"), "fail"),
+        ("u1", Some("g1"), "cached"),
+    ] {
+        if outcome == "cached" {
+            let mut hit = result("r");
+            hit.cached = true;
+            hit.usage = Some(Usage::default());
+            store.push_finished(finish(user, guild), hit).await.unwrap();
+            continue;
+        }
+        h.push(finish(user, guild)).await;
+        let claimed = h.claim().await;
+        if outcome == "ok" {
+            store.complete(&claimed.lease, result("r")).await.unwrap();
+        } else {
+            store
+                .fail(&claimed.lease, err("bad_request"), None)
+                .await
+                .unwrap();
+        }
+    }
+    // Day two: u2 gets a fallback reply outside any guild.
+    h.clock.advance(86_400_000);
+    h.push(finish("u2", None)).await;
+    let claimed = h.claim().await;
+    let mut fallback = result("canned");
+    fallback.used_fallback = true;
+    fallback.usage = None;
+    store.complete(&claimed.lease, fallback).await.unwrap();
+
+    let query = |group_by, guild_id: Option<&str>, user_id: Option<&str>, since| UsageQuery {
+        guild_id: guild_id.map(str::to_owned),
+        user_id: user_id.map(str::to_owned),
+        since,
+        until: None,
+        group_by,
+    };
+    let row =
+        |key: &str, requests, completed, failed, fallback, cached, tokens: (u64, u64)| UsageRow {
+            key: key.to_owned(),
+            requests,
+            completed,
+            failed,
+            fallback,
+            cached,
+            prompt_tokens: tokens.0,
+            completion_tokens: tokens.1,
+        };
+    let by_user = store
+        .usage(&query(GroupBy::User, None, None, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        by_user,
+        [
+            row("u1", 2, 2, 0, 0, 1, (3, 4)),
+            row("u2", 2, 1, 1, 1, 0, (0, 0))
+        ]
+    );
+    let by_guild = store
+        .usage(&query(GroupBy::Guild, None, None, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        by_guild,
+        [
+            row("g1", 3, 2, 1, 0, 1, (3, 4)),
+            row("global", 1, 1, 0, 1, 0, (0, 0))
+        ]
+    );
+    let by_day = store
+        .usage(&query(GroupBy::Day, None, None, None))
+        .await
+        .unwrap();
+    let keys: Vec<&str> = by_day.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            time_key(GroupBy::Day, T0).as_str(),
+            time_key(GroupBy::Day, T0 + 86_400_000).as_str()
+        ]
+    );
+    assert_eq!(by_day[0].requests, 3);
+    // Filters: one user in one guild, and a time range.
+    let one = store
+        .usage(&query(GroupBy::User, Some("g1"), Some("u2"), None))
+        .await
+        .unwrap();
+    assert_eq!(one, [row("u2", 1, 0, 1, 0, 0, (0, 0))]);
+    let later = store
+        .usage(&query(GroupBy::Guild, None, None, Some(T0 + 1)))
+        .await
+        .unwrap();
+    assert_eq!(later, [row("global", 1, 1, 0, 1, 0, (0, 0))]);
+    // The totals are the log's.
+    let log = h.all_log().await;
+    let mut from_log = UsageRow::default();
+    log.iter().for_each(|e| from_log.add(e));
+    let total = by_user.iter().fold(UsageRow::default(), |mut t, r| {
+        t.requests += r.requests;
+        t.prompt_tokens += r.prompt_tokens;
+        t.completion_tokens += r.completion_tokens;
+        t.cached += r.cached;
+        t
+    });
+    assert_eq!(
+        (
+            total.requests,
+            total.prompt_tokens,
+            total.completion_tokens,
+            total.cached
+        ),
+        (
+            from_log.requests,
+            from_log.prompt_tokens,
+            from_log.completion_tokens,
+            from_log.cached
+        )
+    );
 }

@@ -9,7 +9,10 @@
 //! - [`Maintenance`]: retention and a final sync;
 //! - [`StoreHealth`]: whether new jobs are taken now, and the backend's status;
 //! - [`RateLimits`]: per-user limits that every process sharing the store counts against;
-//! - [`ReplyCache`]: the response cache's entries.
+//! - [`ReplyCache`]: the response cache's entries;
+//! - [`Guilds`]: guild settings; [`Conversations`]: the turns of server-side conversations,
+//!   which a completion of a job with a conversation id appends (in the same write as its log
+//!   entry, so a turn is appended exactly once).
 //!
 //! The promises, for every backend (the contract suite in `contract.rs` checks them): a push,
 //! cancel, retry or pause that returned `Ok` is durable (in [`Durability::Strict`]); a
@@ -38,8 +41,8 @@ use uuid::Uuid;
 
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{
-    CacheKey, CachedReply, Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob,
-    QueueCounts,
+    CacheKey, CachedReply, Guild, GuildSettings, Job, JobError, JobResult, JobState, LogPage,
+    LogQuery, NewJob, QueueCounts, Turn, UsageQuery, UsageRow,
 };
 use crate::secret::Secret;
 pub use crate::signals::JobNotifier;
@@ -85,6 +88,8 @@ pub struct StoreOptions {
     pub log_retention: LogRetention,
     /// Response-cache entries to keep at most; the oldest go first.
     pub cache_max_entries: u64,
+    /// Conversation turns older than this are forgotten.
+    pub conversation_max_age_ms: u64,
     pub backend: Backend,
 }
 
@@ -138,6 +143,7 @@ impl StoreOptions {
             keep_failed: crate::defaults::KEEP_FAILED,
             log_retention: LogRetention::default(),
             cache_max_entries: crate::defaults::CACHE_MAX_ENTRIES,
+            conversation_max_age_ms: crate::defaults::CONVERSATION_MAX_AGE_DAYS * 86_400_000,
             backend: Backend::Embedded(EmbeddedOptions {
                 path: path.into(),
                 cache_capacity: DEFAULT_CACHE_BYTES,
@@ -362,6 +368,46 @@ pub trait JobStore: Send + Sync {
 pub trait InteractionLog: Send + Sync {
     /// Reads the log, newest first.
     async fn query(&self, query: &LogQuery) -> Result<LogPage, StoreError>;
+    /// Totals of the entries `query` selects, one row per group, ordered by key.
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
+}
+
+/// Most turns a conversation keeps; older ones go as new ones come.
+pub const MAX_TURNS: usize = 200;
+
+/// Guild settings (DESIGN §15). A write is durable on `Ok` and seen by the next read of
+/// every process sharing the store.
+#[async_trait]
+pub trait Guilds: Send + Sync {
+    async fn guild(&self, guild_id: &str) -> Result<Option<Guild>, StoreError>;
+    /// Every guild with settings, by id.
+    async fn guilds(&self) -> Result<Vec<Guild>, StoreError>;
+    /// Replaces the guild's settings.
+    async fn put_guild(
+        &self,
+        guild_id: &str,
+        settings: &GuildSettings,
+    ) -> Result<Guild, StoreError>;
+    /// Removes the guild's settings (its requests get the server's again); `false` if it had
+    /// none.
+    async fn delete_guild(&self, guild_id: &str) -> Result<bool, StoreError>;
+}
+
+/// Server-side conversations, keyed by (guild, conversation id): the same id in two guilds is
+/// two conversations. Jobs outside any guild keep theirs under
+/// [`crate::domain::GLOBAL_GUILD`]. Each keeps its newest [`MAX_TURNS`] turns, none older
+/// than [`StoreOptions::conversation_max_age_ms`] (removed by [`Maintenance::prune`]).
+#[async_trait]
+pub trait Conversations: Send + Sync {
+    /// The newest `limit` turns, oldest first.
+    async fn turns(
+        &self,
+        guild_id: &str,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Turn>, StoreError>;
+    /// Forgets every turn (durable on `Ok`); returns how many.
+    async fn forget(&self, guild_id: &str, conversation_id: &str) -> Result<u64, StoreError>;
 }
 
 /// Upkeep the app runs in the background and at shutdown.
@@ -436,12 +482,27 @@ pub trait ReplyCache: Send + Sync {
 
 /// Everything chatq needs of a backend.
 pub trait Store:
-    JobStore + InteractionLog + Maintenance + StoreHealth + RateLimits + ReplyCache
+    JobStore
+    + InteractionLog
+    + Maintenance
+    + StoreHealth
+    + RateLimits
+    + ReplyCache
+    + Guilds
+    + Conversations
 {
 }
 
-impl<T: JobStore + InteractionLog + Maintenance + StoreHealth + RateLimits + ReplyCache> Store
-    for T
+impl<
+    T: JobStore
+        + InteractionLog
+        + Maintenance
+        + StoreHealth
+        + RateLimits
+        + ReplyCache
+        + Guilds
+        + Conversations,
+> Store for T
 {
 }
 

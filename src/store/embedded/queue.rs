@@ -9,6 +9,8 @@
 //! | `log_by_user`, `log_by_guild` | id ++ 0x00 ++ log key | empty |
 //! | `meta` | name | value (the paused flag) |
 //! | `cache` | cache key (32 bytes) | encoded [`StoredCacheEntry`](record::StoredCacheEntry) |
+//! | `guilds` | guild id | encoded [`Guild`] |
+//! | `turns` | guild ++ 0 ++ conversation ++ 0 ++ at ++ seq | encoded [`Turn`] |
 //!
 //! Cache entries have their own small in-memory index (by age, for the bound on entries, and
 //! by expiry, for maintenance), rebuilt at open like the job index and kept under its own
@@ -33,9 +35,10 @@
 //! fsync, which is what makes group commit pay.
 //!
 //! A completion writes the finished record first (with `log_pending`), then its interaction
-//! entry under a key derived from the record (finished time ++ seq), then clears the flag.
-//! A crash in between is repaired at open: the entry is rebuilt from the record under the
-//! same key, so it is written exactly once. A logging failure leaves the job finished and is
+//! entry under a key derived from the record (finished time ++ seq) and, for a completed job
+//! of a conversation, its turn under a key derived the same way, then clears the flag. A crash
+//! in between is repaired at open: both are rebuilt from the record under the same keys, so
+//! each is written exactly once. A logging failure leaves the job finished and is
 //! counted.
 //!
 //! The index lock is a std `Mutex`: it is held for in-memory work and single sled writes
@@ -56,14 +59,15 @@ use super::record::{self, StoredJob};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::interaction::MAX_PAGE;
 use crate::domain::{
-    CacheKey, CachedReply, Interaction, Job, JobError, JobResult, JobState, LogPage, LogQuery,
-    NewJob, QueueCounts,
+    CacheKey, CachedReply, GLOBAL_GUILD, GroupBy, Guild, GuildSettings, Interaction, Job, JobError,
+    JobResult, JobState, LogPage, LogQuery, NewJob, QueueCounts, Turn, UsageQuery, UsageRow,
+    time_key,
 };
 use crate::signals::JobNotifier;
 use crate::store::{
-    Claimed, Durability, EmbeddedOptions, FailOutcome, InteractionLog, JobStore, Lease,
-    LogRetention, Maintenance, Pushed, ReplyCache, StoreError, StoreHealth, StoreOptions,
-    StoreStatus,
+    Claimed, Conversations, Durability, EmbeddedOptions, FailOutcome, Guilds, InteractionLog,
+    JobStore, Lease, LogRetention, MAX_TURNS, Maintenance, Pushed, ReplyCache, StoreError,
+    StoreHealth, StoreOptions, StoreStatus,
 };
 
 const PAUSED_KEY: &[u8] = b"paused";
@@ -71,6 +75,8 @@ const PAUSED_KEY: &[u8] = b"paused";
 const LOG_PRUNE_CHUNK: usize = 1024;
 /// Job retention removes at most this many records per hold of the index lock (~1 ms).
 const JOB_PRUNE_CHUNK: u64 = 256;
+/// Conversation turns are checked for age at most this often (a scan of their keys).
+const TURN_PRUNE_EVERY_MS: u64 = 60_000;
 /// A claim moves at most this many due delayed jobs to the ready queue (one sled write
 /// each, under the index lock); the rest move at the next claims.
 const PROMOTE_PER_CLAIM: usize = 64;
@@ -198,6 +204,10 @@ pub struct SledQueue {
     meta: sled::Tree,
     cache: sled::Tree,
     cache_index: Mutex<CacheIndex>,
+    guilds: sled::Tree,
+    turns: sled::Tree,
+    /// When conversation turns were last checked for age (store clock).
+    turns_pruned_at: AtomicU64,
     options: StoreOptions,
     clock: SharedClock,
     notifier: Arc<dyn JobNotifier>,
@@ -266,6 +276,9 @@ impl SledQueue {
             meta: db.open_tree("meta")?,
             cache: db.open_tree("cache")?,
             cache_index: Mutex::new(CacheIndex::default()),
+            guilds: db.open_tree("guilds")?,
+            turns: db.open_tree("turns")?,
+            turns_pruned_at: AtomicU64::new(0),
             db,
             log_file,
             options,
@@ -572,9 +585,15 @@ impl SledQueue {
         Ok(())
     }
 
-    /// Writes the interaction entry of a finished job under its derived key; idempotent.
-    /// Returns whether it was written; a failure is logged and counted, never raised.
+    /// Writes the interaction entry of a finished job (and its conversation turn) under keys
+    /// derived from the record; idempotent. Returns whether both were written; a failure is
+    /// logged and counted, never raised.
     fn append_log(&self, record: &StoredJob) -> bool {
+        if let Err(e) = self.append_turn(record) {
+            self.log_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(job_id = %record.job.id, error = %e, "the conversation turn could not be written; the job is finished");
+            return false;
+        }
         let entry = Interaction::for_finished(&record.job);
         let key = record::log_key(entry.timestamp, record.seq);
         let written = (|| -> Result<bool, StoreError> {
@@ -599,6 +618,101 @@ impl SledQueue {
                 false
             }
         }
+    }
+
+    /// The turn a completed job of a conversation adds, then the conversation cut to its
+    /// newest [`MAX_TURNS`].
+    fn append_turn(&self, record: &StoredJob) -> Result<(), StoreError> {
+        let job = &record.job;
+        let (Some(conversation), Some(result), JobState::Completed) =
+            (&job.conversation_id, &job.result, job.state)
+        else {
+            return Ok(());
+        };
+        let guild = job.guild_id.as_deref().unwrap_or(GLOBAL_GUILD);
+        let at = job.finished_at.unwrap_or_default();
+        let turn = Turn {
+            job_id: job.id,
+            user_id: job.user_id.clone(),
+            prompt: job.request.prompt.clone(),
+            reply: result.reply.clone(),
+            at,
+        };
+        self.turns.insert(
+            record::turn_key(guild, conversation, at, record.seq),
+            record::encode_turn(&turn)?,
+        )?;
+        let prefix = record::conversation_prefix(guild, conversation);
+        for old in self.turns.scan_prefix(&prefix).keys().rev().skip(MAX_TURNS) {
+            self.turns.remove(old?)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets turns older than the conversations' age limit.
+    fn prune_turns(&self) -> Result<u64, StoreError> {
+        let now = self.clock.now_ms();
+        let last = self.turns_pruned_at.load(Ordering::Relaxed);
+        if now < last.saturating_add(TURN_PRUNE_EVERY_MS) {
+            return Ok(0);
+        }
+        self.turns_pruned_at.store(now, Ordering::Relaxed);
+        let cutoff = now.saturating_sub(self.options.conversation_max_age_ms);
+        let mut removed = 0;
+        for key in self.turns.iter().keys() {
+            let key = key?;
+            if record::turn_time(&key).is_some_and(|at| at < cutoff) {
+                self.turns.remove(&key)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    pub fn usage_sync(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let (tree, prefix, filter_guild) = match (&q.user_id, &q.guild_id) {
+            (Some(user), guild) => (&self.log_user, record::index_prefix(user), guild.clone()),
+            (None, Some(guild)) => (&self.log_guild, record::index_prefix(guild), None),
+            (None, None) => (&self.log, Vec::new(), None),
+        };
+        let bound = |key: [u8; 16]| {
+            let mut v = prefix.clone();
+            v.extend_from_slice(&key);
+            v
+        };
+        let lower = bound(record::log_key(q.since.unwrap_or(0), 0));
+        let upper = bound(match q.until {
+            Some(until) => record::log_key(until, 0),
+            None => [0xff; 16],
+        });
+        let mut rows: BTreeMap<String, UsageRow> = BTreeMap::new();
+        for item in tree.range(lower..upper) {
+            let (key, value) = item?;
+            let bytes = if prefix.is_empty() {
+                value
+            } else {
+                match self.log.get(&key[prefix.len()..])? {
+                    Some(bytes) => bytes,
+                    None => continue,
+                }
+            };
+            let entry = record::decode_interaction(&bytes)?;
+            if filter_guild.as_ref().is_some_and(|g| *g != entry.guild_id) {
+                continue;
+            }
+            let group = match q.group_by {
+                GroupBy::User => entry.user_id.clone(),
+                GroupBy::Guild => entry.guild_id.clone(),
+                GroupBy::Day | GroupBy::Hour => time_key(q.group_by, entry.timestamp),
+            };
+            rows.entry(group.clone())
+                .or_insert_with(|| UsageRow {
+                    key: group,
+                    ..UsageRow::default()
+                })
+                .add(&entry);
+        }
+        Ok(rows.into_values().collect())
     }
 
     /// After a finished record is written: its log entry, then the flag cleared.
@@ -812,6 +926,7 @@ impl SledQueue {
         removed += self.prune_finished(JobState::Cancelled, self.options.keep_failed)?;
         removed += self.prune_log(self.options.log_retention)?;
         removed += self.prune_cache()?;
+        removed += self.prune_turns()?;
         Ok(removed)
     }
 
@@ -1094,6 +1209,84 @@ impl JobStore for SledQueue {
 impl InteractionLog for SledQueue {
     async fn query(&self, query: &LogQuery) -> Result<LogPage, StoreError> {
         self.query_log_sync(query)
+    }
+
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        // Called directly only in tests; `ResilientQueue` runs the scan on the blocking pool.
+        self.usage_sync(query)
+    }
+}
+
+#[async_trait]
+impl Guilds for SledQueue {
+    async fn guild(&self, guild_id: &str) -> Result<Option<Guild>, StoreError> {
+        match self.guilds.get(guild_id.as_bytes())? {
+            Some(bytes) => Ok(Some(record::decode_guild(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn guilds(&self) -> Result<Vec<Guild>, StoreError> {
+        self.guilds
+            .iter()
+            .values()
+            .map(|bytes| Ok(record::decode_guild(&bytes?)?))
+            .collect()
+    }
+
+    async fn put_guild(
+        &self,
+        guild_id: &str,
+        settings: &GuildSettings,
+    ) -> Result<Guild, StoreError> {
+        let guild = Guild {
+            guild_id: guild_id.to_owned(),
+            settings: settings.clone(),
+            updated_at: self.clock.now_ms(),
+        };
+        self.guilds
+            .insert(guild_id.as_bytes(), record::encode_guild(&guild)?)?;
+        self.durable().await?;
+        Ok(guild)
+    }
+
+    async fn delete_guild(&self, guild_id: &str) -> Result<bool, StoreError> {
+        let existed = self.guilds.remove(guild_id.as_bytes())?.is_some();
+        self.durable().await?;
+        Ok(existed)
+    }
+}
+
+#[async_trait]
+impl Conversations for SledQueue {
+    async fn turns(
+        &self,
+        guild_id: &str,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Turn>, StoreError> {
+        let prefix = record::conversation_prefix(guild_id, conversation_id);
+        let mut turns = self
+            .turns
+            .scan_prefix(&prefix)
+            .values()
+            .rev()
+            .take(limit)
+            .map(|bytes| Ok(record::decode_turn(&bytes?)?))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        turns.reverse();
+        Ok(turns)
+    }
+
+    async fn forget(&self, guild_id: &str, conversation_id: &str) -> Result<u64, StoreError> {
+        let prefix = record::conversation_prefix(guild_id, conversation_id);
+        let mut removed = 0;
+        for key in self.turns.scan_prefix(&prefix).keys() {
+            self.turns.remove(key?)?;
+            removed += 1;
+        }
+        self.durable().await?;
+        Ok(removed)
     }
 }
 

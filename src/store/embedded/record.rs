@@ -7,11 +7,12 @@
 //! |---|---|
 //! | 1 | the job's fields, `seq`, `log_pending` (the job type carried both) |
 //! | 2 | the job's fields, `seq`, `log_pending`, `lease` |
-//! | 3 | the same, with `cached` at the end of the job's result |
+//! | 3 | the same, with `model` and `instructions` at the end of the request and `cached` at the end of the result |
 //!
-//! Version 2 added the fencing token of the current claim; version 3 the result's `cached`
-//! flag. Older records read as version 3 ones with `lease` 0 (no claim was ever fenced) and
-//! `cached` false (there was no cache), through the layouts in [`before_v3`], so a data
+//! Version 2 added the fencing token of the current claim; version 3 a guild's model and
+//! instructions on the request and the result's `cached` flag. Older records read as version 3
+//! ones with `lease` 0 (no claim was ever fenced), no model or instructions (there were no
+//! guild settings) and `cached` false (there was no cache), through the layouts in [`before_v3`], so a data
 //! directory written by an earlier release opens unchanged; a record is rewritten as version
 //! 3 when its job next changes. A change to the domain types' fields changes this layout: the
 //! test `a_version_3_record_has_this_exact_layout` fails until a new version is added here.
@@ -20,6 +21,13 @@
 //!
 //! Version 1 is the entry without `cached`, version 2 with it (after `usage`); version 1
 //! entries read with `cached` false.
+//!
+//! # Guilds and conversation turns
+//!
+//! A guild's settings are one [`Guild`] under its id (version 1). A turn is one [`Turn`]
+//! (version 1) under `guild ++ 0x00 ++ conversation ++ 0x00 ++ at (u64 BE) ++ seq (u64 BE)`:
+//! one conversation's turns are a prefix, in time order; the finished time and the job's seq
+//! make the key of a job's turn the same however often it is written (recovery rewrites it).
 //!
 //! # Cache entries
 //!
@@ -38,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{self, CodecError};
 use crate::clock::Millis;
-use crate::domain::{CacheEntry, CacheKey, CachedReply, Cursor, Interaction, Job};
+use crate::domain::{CacheEntry, CacheKey, CachedReply, Cursor, Guild, Interaction, Job, Turn};
 
 /// The job record version this release writes.
 pub const JOB_VERSION: u8 = 3;
@@ -46,6 +54,10 @@ pub const JOB_VERSION: u8 = 3;
 pub const INTERACTION_VERSION: u8 = 2;
 /// The cache entry version this release writes.
 pub const CACHE_VERSION: u8 = 1;
+/// The guild settings version this release writes.
+pub const GUILD_VERSION: u8 = 1;
+/// The conversation turn version this release writes.
+pub const TURN_VERSION: u8 = 1;
 
 /// A job as the embedded store keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,13 +91,36 @@ struct StoredJobV2 {
 }
 
 /// The domain types as records before version 3 (and interaction entries before version 2)
-/// laid them out: without `cached`. Read-only; each converts into today's type.
+/// laid them out: without the request's `model` and `instructions` and the result's `cached`. Read-only; each converts into today's type.
 mod before_v3 {
     use serde::Deserialize;
     use uuid::Uuid;
 
     use crate::clock::Millis;
-    use crate::domain::{self, ChatRequest, JobError, JobState, Usage};
+    use crate::domain::{self, JobError, JobState, Message, Usage};
+
+    #[derive(Deserialize)]
+    pub struct ChatRequest {
+        prompt: String,
+        history: Vec<Message>,
+        personality: Option<String>,
+        temperature: Option<f32>,
+        max_tokens: Option<u32>,
+    }
+
+    impl From<ChatRequest> for domain::ChatRequest {
+        fn from(r: ChatRequest) -> Self {
+            Self {
+                prompt: r.prompt,
+                history: r.history,
+                personality: r.personality,
+                temperature: r.temperature,
+                max_tokens: r.max_tokens,
+                model: None,
+                instructions: None,
+            }
+        }
+    }
 
     #[derive(Deserialize)]
     pub struct JobResult {
@@ -139,7 +174,7 @@ mod before_v3 {
                 user_id: j.user_id,
                 guild_id: j.guild_id,
                 conversation_id: j.conversation_id,
-                request: j.request,
+                request: j.request.into(),
                 priority: j.priority,
                 attempts: j.attempts,
                 max_attempts: j.max_attempts,
@@ -236,6 +271,97 @@ pub fn decode_job(bytes: &[u8]) -> Result<StoredJob, CodecError> {
     }
 }
 
+/// Writes `record` the way the previous release did (version 2), for tests that open a data
+/// directory of that release.
+#[cfg(test)]
+pub fn encode_version_2(record: &StoredJob) -> Result<Vec<u8>, CodecError> {
+    use crate::domain::{JobError, JobState, Message, Usage};
+    #[derive(Serialize)]
+    struct Request<'a> {
+        prompt: &'a str,
+        history: &'a [Message],
+        personality: &'a Option<String>,
+        temperature: Option<f32>,
+        max_tokens: Option<u32>,
+    }
+    #[derive(Serialize)]
+    struct Result<'a> {
+        reply: &'a str,
+        used_fallback: bool,
+        model: &'a str,
+        usage: Option<Usage>,
+        processed_at: Millis,
+        upstream_latency_ms: Option<u64>,
+    }
+    #[derive(Serialize)]
+    struct V2Job<'a> {
+        id: uuid::Uuid,
+        user_id: &'a str,
+        guild_id: &'a Option<String>,
+        conversation_id: &'a Option<String>,
+        request: Request<'a>,
+        priority: u32,
+        attempts: u32,
+        max_attempts: u32,
+        state: JobState,
+        created_at: Millis,
+        started_at: Option<Millis>,
+        finished_at: Option<Millis>,
+        run_at: Millis,
+        result: Option<Result<'a>>,
+        error: &'a Option<JobError>,
+        idempotency_key: &'a Option<String>,
+        request_id: &'a Option<String>,
+    }
+    #[derive(Serialize)]
+    struct V2<'a> {
+        job: V2Job<'a>,
+        seq: u64,
+        log_pending: bool,
+        lease: u64,
+    }
+    let j = &record.job;
+    let r = &j.request;
+    let v2 = V2 {
+        job: V2Job {
+            id: j.id,
+            user_id: &j.user_id,
+            guild_id: &j.guild_id,
+            conversation_id: &j.conversation_id,
+            request: Request {
+                prompt: &r.prompt,
+                history: &r.history,
+                personality: &r.personality,
+                temperature: r.temperature,
+                max_tokens: r.max_tokens,
+            },
+            priority: j.priority,
+            attempts: j.attempts,
+            max_attempts: j.max_attempts,
+            state: j.state,
+            created_at: j.created_at,
+            started_at: j.started_at,
+            finished_at: j.finished_at,
+            run_at: j.run_at,
+            result: j.result.as_ref().map(|x| Result {
+                reply: &x.reply,
+                used_fallback: x.used_fallback,
+                model: &x.model,
+                usage: x.usage,
+                processed_at: x.processed_at,
+                upstream_latency_ms: x.upstream_latency_ms,
+            }),
+            error: &j.error,
+            idempotency_key: &j.idempotency_key,
+            request_id: &j.request_id,
+        },
+        seq: record.seq,
+        log_pending: record.log_pending,
+        lease: record.lease,
+    };
+    codec::encode(2, &v2)
+}
+
 pub fn encode_interaction(entry: &Interaction) -> Result<Vec<u8>, CodecError> {
     codec::encode(INTERACTION_VERSION, entry)
 }
@@ -285,6 +411,44 @@ pub fn encode_cache_entry(entry: &StoredCacheEntry) -> Result<Vec<u8>, CodecErro
 
 pub fn decode_cache_entry(bytes: &[u8]) -> Result<StoredCacheEntry, CodecError> {
     codec::decode(CACHE_VERSION, bytes)
+}
+
+pub fn encode_guild(guild: &Guild) -> Result<Vec<u8>, CodecError> {
+    codec::encode(GUILD_VERSION, guild)
+}
+
+pub fn decode_guild(bytes: &[u8]) -> Result<Guild, CodecError> {
+    codec::decode(GUILD_VERSION, bytes)
+}
+
+pub fn encode_turn(turn: &Turn) -> Result<Vec<u8>, CodecError> {
+    codec::encode(TURN_VERSION, turn)
+}
+
+pub fn decode_turn(bytes: &[u8]) -> Result<Turn, CodecError> {
+    codec::decode(TURN_VERSION, bytes)
+}
+
+/// The key prefix of one conversation's turns.
+pub fn conversation_prefix(guild_id: &str, conversation_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(guild_id.len() + conversation_id.len() + 18);
+    key.extend_from_slice(guild_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(conversation_id.as_bytes());
+    key.push(0);
+    key
+}
+
+pub fn turn_key(guild_id: &str, conversation_id: &str, at: Millis, seq: u64) -> Vec<u8> {
+    let mut key = conversation_prefix(guild_id, conversation_id);
+    key.extend_from_slice(&log_key(at, seq));
+    key
+}
+
+/// The time in a turn key (its last 16 bytes are time and seq).
+pub fn turn_time(key: &[u8]) -> Option<Millis> {
+    let tail = key.len().checked_sub(16)?;
+    Some(timestamp_of(&key[tail..]))
 }
 
 pub fn log_key(timestamp: Millis, seq: u64) -> [u8; 16] {
@@ -351,6 +515,8 @@ mod tests {
                     personality: Some("helpful".into()),
                     temperature: Some(0.5),
                     max_tokens: None,
+                    model: None,
+                    instructions: None,
                 },
                 priority: 2,
                 attempts: 1,
@@ -385,7 +551,7 @@ mod tests {
 
     /// The bytes of `sample()` up to the end of its result's latency, as every version so far
     /// writes them (the version byte aside).
-    const FIELDS_BEFORE_CACHED: &str = concat!(
+    const REQUEST_OF_EVERY_VERSION: &str = concat!(
         "10", // id: length 16, then the bytes
         "0102030405060708090a0b0c0d0e0f10",
         "0175",
@@ -397,6 +563,9 @@ mod tests {
         "010768656c7066756c",
         "010000003f",
         "00", // personality, temperature 0.5, max_tokens
+    );
+    /// From the priority to the end of the result's latency.
+    const FIELDS_BEFORE_CACHED: &str = concat!(
         "02",
         "01",
         "03",
@@ -426,10 +595,14 @@ mod tests {
         if let Some(result) = record.job.result.as_mut() {
             result.cached = true;
         }
+        record.job.request.model = Some("m2".into());
         let bytes = encode_job(&record).unwrap();
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let expected = [
             "03", // record version
+            REQUEST_OF_EVERY_VERSION,
+            "01026d32", // request: model Some("m2")
+            "00",       // request: instructions
             FIELDS_BEFORE_CACHED,
             "01", // result: cached
             FIELDS_AFTER_RESULT,
@@ -443,9 +616,31 @@ mod tests {
     #[test]
     fn version_1_and_2_records_still_read() {
         // The bytes those releases wrote, pinned when they were current.
-        let v2 = unhex(&["02", FIELDS_BEFORE_CACHED, FIELDS_AFTER_RESULT, "fb2b01"].concat());
+        let v2 = unhex(
+            &[
+                "02",
+                REQUEST_OF_EVERY_VERSION,
+                FIELDS_BEFORE_CACHED,
+                FIELDS_AFTER_RESULT,
+                "fb2b01",
+            ]
+            .concat(),
+        );
         assert_eq!(decode_job(&v2).unwrap(), sample(), "cached reads as false");
-        let v1 = unhex(&["01", FIELDS_BEFORE_CACHED, FIELDS_AFTER_RESULT].concat());
+        assert_eq!(
+            encode_version_2(&sample()).unwrap(),
+            v2,
+            "the tests' writer of v2"
+        );
+        let v1 = unhex(
+            &[
+                "01",
+                REQUEST_OF_EVERY_VERSION,
+                FIELDS_BEFORE_CACHED,
+                FIELDS_AFTER_RESULT,
+            ]
+            .concat(),
+        );
         let read = decode_job(&v1).unwrap();
         assert_eq!(read.job, sample().job);
         assert_eq!((read.seq, read.log_pending, read.lease), (300, true, 0));

@@ -35,14 +35,14 @@ use uuid::Uuid;
 use super::{SledQueue, is_disk_failure};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{
-    CacheKey, CachedReply, Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob,
-    QueueCounts,
+    CacheKey, CachedReply, Guild, GuildSettings, Job, JobError, JobResult, JobState, LogPage,
+    LogQuery, NewJob, QueueCounts, Turn, UsageQuery, UsageRow,
 };
 use crate::signals::JobNotifier;
 use crate::store::{
-    Claimed, DiskStatus, EmbeddedOptions, FailOutcome, InteractionLog, JobStore, Lease,
-    Maintenance, Pushed, RateLimits, RateTake, ReplyCache, StoreError, StoreHealth, StoreOptions,
-    StoreStatus, Unavailable,
+    Claimed, Conversations, DiskStatus, EmbeddedOptions, FailOutcome, Guilds, InteractionLog,
+    JobStore, Lease, Maintenance, Pushed, RateLimits, RateTake, ReplyCache, StoreError,
+    StoreHealth, StoreOptions, StoreStatus, Unavailable,
 };
 
 /// How often the monitor measures free space and, when broken, tries to reopen.
@@ -404,6 +404,57 @@ impl JobStore for ResilientQueue {
 impl InteractionLog for ResilientQueue {
     async fn query(&self, query: &LogQuery) -> Result<LogPage, StoreError> {
         self.queue()?.query(query).await
+    }
+
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let queue = self.queue()?;
+        let query = query.clone();
+        // A scan of (part of) the log: off the async threads.
+        tokio::task::spawn_blocking(move || queue.usage_sync(&query))
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))?
+    }
+}
+
+#[async_trait]
+impl Guilds for ResilientQueue {
+    async fn guild(&self, guild_id: &str) -> Result<Option<Guild>, StoreError> {
+        self.queue()?.guild(guild_id).await
+    }
+
+    async fn guilds(&self) -> Result<Vec<Guild>, StoreError> {
+        self.queue()?.guilds().await
+    }
+
+    async fn put_guild(
+        &self,
+        guild_id: &str,
+        settings: &GuildSettings,
+    ) -> Result<Guild, StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.put_guild(guild_id, settings).await)
+    }
+
+    async fn delete_guild(&self, guild_id: &str) -> Result<bool, StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.delete_guild(guild_id).await)
+    }
+}
+
+#[async_trait]
+impl Conversations for ResilientQueue {
+    async fn turns(
+        &self,
+        guild_id: &str,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Turn>, StoreError> {
+        self.queue()?.turns(guild_id, conversation_id, limit).await
+    }
+
+    async fn forget(&self, guild_id: &str, conversation_id: &str) -> Result<u64, StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.forget(guild_id, conversation_id).await)
     }
 }
 

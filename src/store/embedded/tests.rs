@@ -217,25 +217,17 @@ async fn an_unreadable_record_is_an_error_not_a_panic() {
 
 #[tokio::test]
 async fn a_record_of_the_previous_release_opens_and_runs() {
-    #[derive(serde::Serialize)]
-    struct V1<'a> {
-        job: &'a crate::domain::Job,
-        seq: u64,
-        log_pending: bool,
-    }
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
     let id = {
         let q = open_at(dir.path(), clock.clone());
         let job = q.push(NewJob::prompt("u", "old")).await.unwrap().job;
-        let old = super::codec::encode(
-            1,
-            &V1 {
-                job: &job,
-                seq: 1,
-                log_pending: false,
-            },
-        )
+        let old = super::record::encode_version_2(&super::record::StoredJob {
+            job: job.clone(),
+            seq: 1,
+            log_pending: false,
+            lease: 0,
+        })
         .unwrap();
         q.jobs_tree_for_tests()
             .insert(job.id.as_bytes(), old)

@@ -107,14 +107,15 @@ pub use schema::{NewerSchema, VERSION as SCHEMA_VERSION};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::interaction::MAX_PAGE;
 use crate::domain::{
-    Action, CacheKey, CachedReply, ChatRequest, Cursor, Interaction, Job, JobError, JobResult,
-    JobState, LogPage, LogQuery, NewJob, QueueCounts, Usage,
+    Action, CacheKey, CachedReply, ChatRequest, Cursor, GLOBAL_GUILD, GroupBy, Guild,
+    GuildSettings, Interaction, Job, JobError, JobResult, JobState, LogPage, LogQuery, NewJob,
+    QueueCounts, Turn, Usage, UsageQuery, UsageRow,
 };
 use crate::signals::JobNotifier;
 use crate::store::{
-    Claimed, Durability, FailOutcome, InteractionLog, JobStore, Lease, Maintenance,
-    PostgresOptions, Pushed, RateLimits, RateTake, ReplyCache, StoreError, StoreHealth,
-    StoreOptions, StoreStatus, Unavailable,
+    Claimed, Conversations, Durability, FailOutcome, Guilds, InteractionLog, JobStore, Lease,
+    MAX_TURNS, Maintenance, PostgresOptions, Pushed, RateLimits, RateTake, ReplyCache, StoreError,
+    StoreHealth, StoreOptions, StoreStatus, Unavailable,
 };
 
 /// Taken (per transaction) by the replica that applies retention, so one prunes at a time.
@@ -516,6 +517,7 @@ impl PgStore {
         let job = job_from(&row)?;
         if job.state.is_terminal() {
             insert_interaction(&tx, &Interaction::for_finished(&job)).await?;
+            insert_turn(&tx, &job).await?;
         }
         tx.commit().await?;
         self.committed();
@@ -620,6 +622,12 @@ impl PgStore {
             .await?;
         removed += tx
             .execute("DELETE FROM chatq_cache WHERE expires_at <= $1", &[&now])
+            .await?;
+        let turn_cutoff = now.saturating_sub(
+            i64::try_from(self.options.conversation_max_age_ms).unwrap_or(i64::MAX),
+        );
+        removed += tx
+            .execute("DELETE FROM chatq_turns WHERE at < $1", &[&turn_cutoff])
             .await?;
         let retention = self.options.log_retention;
         if let Some(age) = retention.max_age_ms {
@@ -849,6 +857,7 @@ impl JobStore for PgStore {
         };
         let job = job_from(&row)?;
         insert_interaction(&tx, &Interaction::for_finished(&job)).await?;
+        insert_turn(&tx, &job).await?;
         tx.commit().await?;
         self.committed();
         self.notifier.job_finished(&job);
@@ -1185,6 +1194,42 @@ impl PgStore {
     }
 }
 
+/// The conditions of the log filters that are set, with their parameters appended to
+/// `params`: one SQL text per combination, never a catch-all `$1 IS NULL OR …` (which can get
+/// a bad generic plan); each an index range scan.
+fn log_conditions<'a>(
+    user_id: &'a Option<String>,
+    guild_id: &'a Option<String>,
+    since: &'a Option<i64>,
+    until: &'a Option<i64>,
+    params: &mut Vec<&'a (dyn ToSql + Sync)>,
+) -> Vec<String> {
+    let mut conditions = Vec::new();
+    for (column, value) in [("user_id", user_id), ("guild_id", guild_id)] {
+        if let Some(value) = value {
+            params.push(value);
+            conditions.push(format!("{column} = ${}", params.len()));
+        }
+    }
+    if let Some(since) = since {
+        params.push(since);
+        conditions.push(format!("ts_ms >= ${}", params.len()));
+    }
+    if let Some(until) = until {
+        params.push(until);
+        conditions.push(format!("ts_ms < ${}", params.len()));
+    }
+    conditions
+}
+
+fn where_clause(conditions: &[String]) -> String {
+    if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    }
+}
+
 #[async_trait]
 impl InteractionLog for PgStore {
     async fn query(&self, q: &LogQuery) -> Result<LogPage, StoreError> {
@@ -1199,21 +1244,7 @@ impl InteractionLog for PgStore {
         let until = q.until.map(|t| t as i64);
         let (cursor_ts, cursor_seq) = cursor.unzip();
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        let mut conditions = Vec::new();
-        for (column, value) in [("user_id", &q.user_id), ("guild_id", &q.guild_id)] {
-            if let Some(value) = value {
-                params.push(value);
-                conditions.push(format!("{column} = ${}", params.len()));
-            }
-        }
-        if let Some(since) = &since {
-            params.push(since);
-            conditions.push(format!("ts_ms >= ${}", params.len()));
-        }
-        if let Some(until) = &until {
-            params.push(until);
-            conditions.push(format!("ts_ms < ${}", params.len()));
-        }
+        let mut conditions = log_conditions(&q.user_id, &q.guild_id, &since, &until, &mut params);
         if let (Some(ts), Some(seq)) = (&cursor_ts, &cursor_seq) {
             params.push(ts);
             params.push(seq);
@@ -1223,11 +1254,7 @@ impl InteractionLog for PgStore {
                 params.len()
             ));
         }
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
+        let filter = where_clause(&conditions);
         let sql = format!(
             "SELECT {LOG_COLUMNS} FROM chatq_interactions {filter}
              ORDER BY ts_ms DESC, seq DESC LIMIT {}",
@@ -1251,6 +1278,209 @@ impl InteractionLog for PgStore {
             next_cursor,
         })
     }
+
+    async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let since = q.since.map(|t| t as i64);
+        let until = q.until.map(|t| t as i64);
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let conditions = log_conditions(&q.user_id, &q.guild_id, &since, &until, &mut params);
+        let key = match q.group_by {
+            GroupBy::User => "user_id",
+            GroupBy::Guild => "guild_id",
+            GroupBy::Day => {
+                "to_char(to_timestamp(ts_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            }
+            GroupBy::Hour => {
+                "to_char(to_timestamp(ts_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00\"Z\"')"
+            }
+        };
+        let sql = format!(
+            "SELECT {key} AS key, count(*),
+                 count(*) FILTER (WHERE action = 'chat_bot_interaction'),
+                 count(*) FILTER (WHERE action = 'chat_bot_error'),
+                 count(*) FILTER (WHERE used_fallback),
+                 count(*) FILTER (WHERE cached),
+                 coalesce(sum((usage->>'prompt_tokens')::bigint), 0)::bigint,
+                 coalesce(sum((usage->>'completion_tokens')::bigint), 0)::bigint
+             FROM chatq_interactions {filter} GROUP BY 1 ORDER BY 1",
+            filter = where_clause(&conditions)
+        );
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&sql).await?;
+        let rows = client.query(&statement, &params).await?;
+        let count = |row: &Row, i: usize| -> Result<u64, StoreError> {
+            Ok(row.try_get::<_, i64>(i)?.max(0) as u64)
+        };
+        rows.iter()
+            .map(|row| {
+                Ok(UsageRow {
+                    key: row.try_get(0)?,
+                    requests: count(row, 1)?,
+                    completed: count(row, 2)?,
+                    failed: count(row, 3)?,
+                    fallback: count(row, 4)?,
+                    cached: count(row, 5)?,
+                    prompt_tokens: count(row, 6)?,
+                    completion_tokens: count(row, 7)?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Guilds for PgStore {
+    async fn guild(&self, guild_id: &str) -> Result<Option<Guild>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT guild_id, settings, updated_at FROM chatq_guilds WHERE guild_id = $1",
+            )
+            .await?;
+        let row = client.query_opt(&statement, &[&guild_id]).await?;
+        row.as_ref().map(guild_from).transpose()
+    }
+
+    async fn guilds(&self) -> Result<Vec<Guild>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT guild_id, settings, updated_at FROM chatq_guilds ORDER BY guild_id",
+                &[],
+            )
+            .await?;
+        rows.iter().map(guild_from).collect()
+    }
+
+    async fn put_guild(
+        &self,
+        guild_id: &str,
+        settings: &GuildSettings,
+    ) -> Result<Guild, StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "INSERT INTO chatq_guilds (guild_id, settings, updated_at)
+                 VALUES ($2, $3, {now})
+                 ON CONFLICT (guild_id) DO UPDATE
+                   SET settings = excluded.settings, updated_at = excluded.updated_at
+                 RETURNING guild_id, settings, updated_at",
+                now = schema::NOW
+            )
+        });
+        let client = self.client().await?;
+        let statement = client.prepare_cached(SQL.as_str()).await?;
+        let row = client
+            .query_one(&statement, &[&self.now(), &guild_id, &Json(settings)])
+            .await?;
+        self.committed();
+        guild_from(&row)
+    }
+
+    async fn delete_guild(&self, guild_id: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute("DELETE FROM chatq_guilds WHERE guild_id = $1", &[&guild_id])
+            .await?;
+        Ok(n > 0)
+    }
+}
+
+fn guild_from(row: &Row) -> Result<Guild, StoreError> {
+    let Json(settings): Json<GuildSettings> = row.try_get("settings")?;
+    Ok(Guild {
+        guild_id: row.try_get("guild_id")?,
+        settings,
+        updated_at: ms(row.try_get("updated_at")?),
+    })
+}
+
+#[async_trait]
+impl Conversations for PgStore {
+    async fn turns(
+        &self,
+        guild_id: &str,
+        conversation_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Turn>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT job_id, user_id, prompt, reply, at FROM chatq_turns
+                 WHERE guild_id = $1 AND conversation_id = $2
+                 ORDER BY at DESC, seq DESC LIMIT $3",
+            )
+            .await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&statement, &[&guild_id, &conversation_id, &limit])
+            .await?;
+        let mut turns = rows
+            .iter()
+            .map(|row| {
+                Ok(Turn {
+                    job_id: row.try_get(0)?,
+                    user_id: row.try_get(1)?,
+                    prompt: row.try_get(2)?,
+                    reply: row.try_get(3)?,
+                    at: ms(row.try_get(4)?),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        turns.reverse();
+        Ok(turns)
+    }
+
+    async fn forget(&self, guild_id: &str, conversation_id: &str) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .execute(
+                "DELETE FROM chatq_turns WHERE guild_id = $1 AND conversation_id = $2",
+                &[&guild_id, &conversation_id],
+            )
+            .await?)
+    }
+}
+
+/// Adds the turn of `job` (completed, of a conversation) to its conversation and cuts the
+/// conversation to its newest [`MAX_TURNS`], in the caller's transaction.
+async fn insert_turn(tx: &deadpool_postgres::Transaction<'_>, job: &Job) -> Result<(), StoreError> {
+    let (Some(conversation), Some(result), JobState::Completed) =
+        (&job.conversation_id, &job.result, job.state)
+    else {
+        return Ok(());
+    };
+    let guild = job.guild_id.as_deref().unwrap_or(GLOBAL_GUILD);
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO chatq_turns (guild_id, conversation_id, at, job_id, user_id, prompt, reply)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (job_id) DO NOTHING",
+        )
+        .await?;
+    let at = job.finished_at.unwrap_or_default() as i64;
+    tx.execute(
+        &insert,
+        &[
+            &guild,
+            conversation,
+            &at,
+            &job.id,
+            &job.user_id,
+            &job.request.prompt,
+            &result.reply,
+        ],
+    )
+    .await?;
+    let cut = tx
+        .prepare_cached(
+            "DELETE FROM chatq_turns WHERE guild_id = $1 AND conversation_id = $2
+               AND (at, seq) < (SELECT at, seq FROM chatq_turns
+                   WHERE guild_id = $1 AND conversation_id = $2
+                   ORDER BY at DESC, seq DESC OFFSET $3::bigint - 1 LIMIT 1)",
+        )
+        .await?;
+    tx.execute(&cut, &[&guild, conversation, &(MAX_TURNS as i64)])
+        .await?;
+    Ok(())
 }
 
 #[async_trait]

@@ -103,6 +103,7 @@ CREATE TABLE chatq_rate (
 ) WITH (fillfactor = 50);
 "#,
     r#"
+-- Issues 15 and 16: the response cache, guild settings, conversations.
 -- Whether an interaction's reply came from the response cache.
 ALTER TABLE chatq_interactions ADD COLUMN cached bool NOT NULL DEFAULT false;
 
@@ -121,6 +122,27 @@ CREATE TABLE chatq_cache (
 CREATE INDEX chatq_cache_age ON chatq_cache (seq);
 CREATE INDEX chatq_cache_expiry ON chatq_cache (expires_at);
 CREATE INDEX chatq_cache_guild ON chatq_cache (guild_id);
+
+-- Guild settings: one row per guild that has any.
+CREATE TABLE chatq_guilds (
+  guild_id text PRIMARY KEY,
+  settings jsonb NOT NULL,
+  updated_at bigint NOT NULL
+);
+
+-- Server-side conversations: one row per completed job of a conversation (its turn).
+CREATE TABLE chatq_turns (
+  guild_id text NOT NULL,
+  conversation_id text NOT NULL,
+  at bigint NOT NULL,
+  seq bigint GENERATED ALWAYS AS IDENTITY,
+  job_id uuid NOT NULL UNIQUE,
+  user_id text NOT NULL,
+  prompt text NOT NULL,
+  reply text NOT NULL,
+  PRIMARY KEY (guild_id, conversation_id, at, seq)
+);
+CREATE INDEX chatq_turns_age ON chatq_turns (at);
 "#,
 ];
 
