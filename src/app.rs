@@ -25,7 +25,7 @@ use crate::cache::ResponseCache;
 use crate::clock::{self, SharedClock};
 use crate::config::Config;
 use crate::http::{self, AppState, Shared};
-use crate::limiter::UserLimiter;
+use crate::limiter::{GuildLimiters, UserLimiter};
 use crate::metrics::Metrics;
 use crate::signals::Signals;
 use crate::store;
@@ -86,7 +86,7 @@ impl App {
             Arc::clone(&bot),
             Arc::clone(&cache),
             Arc::clone(&metrics),
-            clock,
+            clock.clone(),
             config.worker.clone(),
         ));
         let pool = WorkerPool::spawn(worker, shutdown.child_token());
@@ -96,6 +96,8 @@ impl App {
             handoff: pool.handoff(),
             validator: Validator::new(),
             limiter,
+            guild_limiters: GuildLimiters::default(),
+            clock,
             metrics,
             bot,
             cache,
@@ -155,7 +157,7 @@ async fn prune_limiter(state: AppState, shutdown: CancellationToken) {
             _ = tokio::time::sleep(LIMITER_PRUNE_EVERY) => {}
             _ = shutdown.cancelled() => return,
         }
-        let keys = state.limiter.prune();
+        let keys = state.limiter.prune() + state.guild_limiters.prune();
         tracing::debug!(keys, "rate-limit keys pruned");
     }
 }

@@ -36,7 +36,9 @@ use tokio::sync::watch;
 use crate::bot::fallback::EMPTY_REPLY_PLACEHOLDER;
 use crate::bot::{ChatBot, UpstreamPlan};
 use crate::clock::SharedClock;
-use crate::domain::{CacheKey, CachedReply, ChatRequest, GLOBAL_GUILD, JobResult, Usage};
+use crate::domain::{
+    CacheKey, CachedReply, ChatRequest, GLOBAL_GUILD, GuildSettings, JobResult, Usage,
+};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -215,14 +217,44 @@ impl ResponseCache {
         }
     }
 
-    /// How long entries live for requests in `guild_id`; zero: the cache is off there.
-    pub fn ttl_for(&self, _guild_id: Option<&str>) -> Duration {
+    /// `--cache-ttl-secs`.
+    pub fn server_ttl(&self) -> Duration {
         self.ttl
     }
 
-    /// The cache's terms for `request` in `guild_id`; `None` when the cache is off there.
-    pub fn terms(&self, guild_id: Option<&str>, request: &ChatRequest) -> Option<Terms> {
-        let ttl_ms = u64::try_from(self.ttl_for(guild_id).as_millis()).unwrap_or(u64::MAX);
+    /// How long entries live for requests of a guild with `settings`: its own TTL, else the
+    /// server's; zero: the cache is off there.
+    pub fn ttl_for(&self, settings: Option<&GuildSettings>) -> Duration {
+        settings
+            .and_then(|s| s.cache_ttl_secs)
+            .map_or(self.ttl, Duration::from_secs)
+    }
+
+    /// The cache's terms for a job as a worker runs it: its guild's settings are read now.
+    /// A store that cannot say leaves the cache out of this job (it goes upstream).
+    pub async fn terms_for(&self, guild_id: Option<&str>, request: &ChatRequest) -> Option<Terms> {
+        let settings = match guild_id {
+            Some(id) => match self.store.guild(id).await {
+                Ok(guild) => guild.map(|g| g.settings),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the guild's settings failed; the cache is left out");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        self.terms(settings.as_ref(), guild_id, request)
+    }
+
+    /// The cache's terms for `request` in `guild_id`, whose settings are `settings`; `None`
+    /// when the cache is off there.
+    pub fn terms(
+        &self,
+        settings: Option<&GuildSettings>,
+        guild_id: Option<&str>,
+        request: &ChatRequest,
+    ) -> Option<Terms> {
+        let ttl_ms = u64::try_from(self.ttl_for(settings).as_millis()).unwrap_or(u64::MAX);
         if ttl_ms == 0 {
             return None;
         }

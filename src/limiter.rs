@@ -137,9 +137,63 @@ impl UserLimiter {
     }
 }
 
+/// The limits guilds set for themselves (DESIGN §15), in process: one keyed limiter per
+/// distinct (limit, window), created when a guild first uses it. A guild's users are counted
+/// under `guild ++ 0x00 ++ user`, apart from the server's own limit and from other guilds.
+#[derive(Debug, Default)]
+pub struct GuildLimiters {
+    by_quota: std::sync::Mutex<std::collections::HashMap<(u32, u64), std::sync::Arc<UserLimiter>>>,
+}
+
+impl GuildLimiters {
+    /// The key `guild`'s limit counts `user` under (the shared store's limits use it too).
+    pub fn key(guild: &str, user: &str) -> String {
+        format!("{guild}\u{0}{user}")
+    }
+
+    /// Counts one request of `user` in `guild` against `limit` per `window`.
+    pub fn check(&self, guild: &str, user: &str, limit: NonZeroU32, window: Duration) -> Decision {
+        let limiter = {
+            let mut map = self.by_quota.lock().unwrap_or_else(|p| p.into_inner());
+            std::sync::Arc::clone(
+                map.entry((limit.get(), window.as_millis() as u64))
+                    .or_insert_with(|| std::sync::Arc::new(UserLimiter::new(limit, window))),
+            )
+        };
+        limiter.check(&Self::key(guild, user))
+    }
+
+    /// Prunes every limiter; drops those left without keys. Returns the keys that remain.
+    pub fn prune(&self) -> usize {
+        let mut map = self.by_quota.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, limiter| limiter.prune() > 0);
+        map.values().map(|l| l.keys()).sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_guilds_limit_counts_its_users_apart() {
+        let guilds = GuildLimiters::default();
+        let two = NonZeroU32::new(2).unwrap();
+        let window = Duration::from_secs(60);
+        assert!(guilds.check("g1", "u", two, window).allowed);
+        assert!(guilds.check("g1", "u", two, window).allowed);
+        let refused = guilds.check("g1", "u", two, window);
+        assert!(!refused.allowed);
+        assert_eq!(refused.limit, 2);
+        assert!(
+            guilds.check("g2", "u", two, window).allowed,
+            "another guild"
+        );
+        assert!(guilds.check("g1", "v", two, window).allowed, "another user");
+        assert_eq!(guilds.prune(), 3, "three keys in use");
+        tokio::time::advance(Duration::from_secs(121)).await;
+        assert_eq!(guilds.prune(), 0, "idle keys and then empty limiters go");
+    }
 
     fn limiter(n: u32, secs: u64) -> UserLimiter {
         UserLimiter::new(NonZeroU32::new(n).unwrap(), Duration::from_secs(secs))

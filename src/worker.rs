@@ -248,7 +248,13 @@ impl Worker {
         self.metrics
             .queue_wait
             .observe(now.saturating_sub(due) as f64 / 1_000.0);
-        let terms = self.cache.terms(job.guild_id.as_deref(), &job.request);
+        let terms = if self.cache_may_apply(job.guild_id.is_some()) {
+            self.cache
+                .terms_for(job.guild_id.as_deref(), &job.request)
+                .await
+        } else {
+            None
+        };
         let mut leader = None;
         if let Some(terms) = &terms {
             match self.consult(terms, lease).await {
@@ -306,6 +312,12 @@ impl Worker {
                 Ok(self.failed(job))
             }
         }
+    }
+
+    /// Whether the cache can have a say in a job: on for the server, or the job is in a guild
+    /// (which may turn it on for itself). Spares a job outside any guild the lookup otherwise.
+    fn cache_may_apply(&self, in_guild: bool) -> bool {
+        in_guild || !self.cache.server_ttl().is_zero()
     }
 
     /// Looks for the job's reply in the cache, then in this process's flights: a hit, the

@@ -7,7 +7,8 @@ use serde::Serialize;
 use crate::bot::personality::Personality;
 use crate::domain::{ChatRequest, Message, Role};
 
-/// At most this many history messages go upstream; older ones are dropped.
+/// At most this many messages of a client's own history go upstream; older ones are
+/// dropped (a server-side conversation is bounded by its guild's `history_turns` instead).
 pub const MAX_HISTORY: usize = 10;
 
 /// A message as the OpenAI protocol writes it.
@@ -32,7 +33,9 @@ pub fn system_prompt(guild_id: Option<&str>, personality: &Personality) -> Strin
 
 /// The full message list for one request: chatq's system prompt first, then the client's
 /// own system messages (OpenAI-compatible clients send them; they are instructions, not
-/// history, so the cut does not drop them), then the last 10 other messages, then the prompt.
+/// history, so the cut does not drop them), then a server-side conversation's turns (bounded
+/// when they were loaded, by the guild's `history_turns`), then the last 10 other messages of
+/// the client's history, then the prompt.
 pub fn build_messages(
     guild_id: Option<&str>,
     personality: &Personality,
@@ -45,7 +48,8 @@ pub fn build_messages(
     let (system, history): (Vec<&Message>, Vec<&Message>) =
         request.history.iter().partition(|m| m.role == Role::System);
     let history = &history[history.len().saturating_sub(MAX_HISTORY)..];
-    let mut messages = Vec::with_capacity(system.len() + history.len() + 2);
+    let mut messages =
+        Vec::with_capacity(system.len() + request.conversation.len() + history.len() + 2);
     let mut system_text = system_prompt(guild_id, personality);
     if let Some(instructions) = request
         .instructions
@@ -61,6 +65,7 @@ pub fn build_messages(
         content: system_text,
     });
     messages.extend(system.into_iter().map(wire));
+    messages.extend(request.conversation.iter().map(wire));
     messages.extend(history.iter().copied().map(wire));
     messages.push(WireMessage {
         role: Role::User.as_str(),
@@ -92,6 +97,7 @@ mod tests {
             max_tokens: None,
             model: None,
             instructions: None,
+            conversation: Vec::new(),
         }
     }
 

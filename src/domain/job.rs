@@ -100,6 +100,10 @@ pub struct ChatRequest {
     /// The guild's instructions, added to the system prompt.
     #[serde(default)]
     pub instructions: Option<String>,
+    /// Earlier exchanges of the server-side conversation, oldest first, loaded at submission
+    /// (already bounded by the guild's `history_turns`; `history` is the client's own).
+    #[serde(default)]
+    pub conversation: Vec<Message>,
 }
 
 /// Token usage of one reply, as chatq records it (the upstream's wire type is separate, in
@@ -200,6 +204,7 @@ impl NewJob {
                 max_tokens: None,
                 model: None,
                 instructions: None,
+                conversation: Vec::new(),
             },
             priority: 0,
             delay_ms: 0,

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use super::error::{ApiError, ApiQuery};
 use super::state::AppState;
 use crate::domain::interaction::MAX_PAGE;
-use crate::domain::{Action, Cursor, Interaction, LogQuery, QueueCounts, Usage};
+use crate::domain::{
+    Action, Cursor, GroupBy, Interaction, LogQuery, QueueCounts, Usage, UsageQuery, UsageRow,
+};
 
 #[derive(Debug, Serialize)]
 pub struct Stats {
@@ -56,7 +58,7 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiErro
     let status = state.store.status().await?;
     let accepting_jobs = state.store.accepting().await.is_ok();
     let cache = CacheStats {
-        ttl_secs: state.cache.ttl_for(None).as_secs(),
+        ttl_secs: state.cache.server_ttl().as_secs(),
         entries: state.store.cache_len().await?,
         max_entries: state.config.store.cache_max_entries,
     };
@@ -250,4 +252,63 @@ pub async fn clear_cache(
         "response cache cleared"
     );
     Ok(Json(CacheCleared { removed }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageParams {
+    guild_id: Option<String>,
+    user_id: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    group_by: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UsageReport {
+    pub group_by: GroupBy,
+    pub data: Vec<UsageRow>,
+}
+
+/// `GET /v1/usage?guild_id=&user_id=&since=&until=&group_by=user|guild|day|hour`: totals
+/// from the interaction log (never from per-user metric labels), one row per group, by key.
+pub async fn usage(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<UsageParams>,
+) -> Result<Json<UsageReport>, ApiError> {
+    let group_by = match q.group_by.as_deref().unwrap_or("guild") {
+        "user" => GroupBy::User,
+        "guild" => GroupBy::Guild,
+        "day" => GroupBy::Day,
+        "hour" => GroupBy::Hour,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "group_by must be user, guild, day or hour",
+                Some("group_by"),
+            ));
+        }
+    };
+    for (param, id) in [("guild_id", &q.guild_id), ("user_id", &q.user_id)] {
+        if let Some(id) = id {
+            super::submission::check_id(param, id)?;
+        }
+    }
+    let query = UsageQuery {
+        guild_id: q.guild_id,
+        user_id: q.user_id,
+        since: q
+            .since
+            .as_deref()
+            .map(|v| parse_time("since", v))
+            .transpose()?,
+        until: q
+            .until
+            .as_deref()
+            .map(|v| parse_time("until", v))
+            .transpose()?,
+        group_by,
+    };
+    let data = state.store.usage(&query).await?;
+    Ok(Json(UsageReport { group_by, data }))
 }

@@ -2,6 +2,8 @@
 //! or SDK can use chatq unmodified, through the same validation, per-user limit, durable
 //! queue, retries, fallback and interaction log as the job routes.
 //!
+//! - The guild comes from `X-Guild-Id` (its settings apply as on the job routes) and a
+//!   server-side conversation from `X-Conversation-Id`.
 //! - The per-user key is `user`, else the `X-User-Id` header, else one shared key for the
 //!   client token (or for anonymous callers when no token is set). The token itself is never
 //!   used as an id, so it never reaches the log.
@@ -40,7 +42,7 @@ use super::error::{ApiError, ApiJson};
 use super::jobs;
 use super::state::AppState;
 use super::submission::{self, Content, SubmitRequest, check_id};
-use crate::domain::{Job, JobResult, JobState, NewJob};
+use crate::domain::{GuildSettings, Job, JobResult, JobState, NewJob};
 use crate::signals::{StreamRegistration, Subscription};
 
 /// Prefix of the model aliases that select a personality.
@@ -117,6 +119,7 @@ fn build(
     headers: &HeaderMap,
     user: String,
     id: Uuid,
+    guild: Option<&GuildSettings>,
 ) -> Result<(NewJob, Option<String>), ApiError> {
     let Some(Value::Array(messages)) = body.messages else {
         return Err(ApiError::bad_request(
@@ -130,12 +133,14 @@ fn build(
     request.temperature = body.temperature;
     request.max_tokens = body.max_completion_tokens.or(body.max_tokens);
     request.guild_id = header(headers, "x-guild-id").map(|g| (g.to_owned(), "X-Guild-Id"));
+    request.conversation_id = header(headers, "x-conversation-id").map(str::to_owned);
     request.id = Some(id);
     request.request_id = jobs::request_id(headers);
-    let mut new = submission::parse(state, request)?;
-    // The personality comes from the model alias, checked after the content as before.
+    let mut new = submission::parse(state, request, guild)?;
+    // The personality comes from the model alias, checked after the content as before; the
+    // guild's default and allowed list apply to it as to a named personality.
     let (personality, label) = personality_of(state, body.model.as_deref())?;
-    new.request.personality = personality;
+    new.request.personality = submission::guild_personality(guild, personality, "model")?;
     Ok((new, label))
 }
 
@@ -176,13 +181,16 @@ pub async fn chat_completions(
     ApiJson(body): ApiJson<CompletionBody>,
 ) -> Result<Response, ApiError> {
     let user = user_of(&state, &body, &headers)?;
-    let (decision, verdict) = jobs::limit(&state, &user).await?;
+    let guild_id = header(&headers, "x-guild-id");
+    let (admission, allowed) = submission::admit(&state, &user, guild_id).await?;
     let result = async {
-        verdict?;
+        allowed?;
         let id = Uuid::new_v4();
         let stream = body.stream.unwrap_or(false);
-        let (new, label) = build(&state, body, &headers, user, id)?;
-        let (verdict, hit) = jobs::consult_cache(&state, &new).await;
+        let guild = admission.settings();
+        let (mut new, label) = build(&state, body, &headers, user, id, guild)?;
+        submission::fill_history(&state, guild, &mut new).await?;
+        let (verdict, hit) = jobs::consult_cache(&state, &new, guild).await;
         let response = if stream {
             stream_reply(&state, new, label, hit).await?
         } else {
@@ -191,7 +199,7 @@ pub async fn chat_completions(
         Ok::<_, ApiError>(jobs::with_cache_header(response, verdict))
     }
     .await;
-    Ok(jobs::with_rate_headers(result.into_response(), &decision))
+    Ok(admission.headers(result.into_response()))
 }
 
 fn with_job_header(mut response: Response, id: Uuid) -> Response {

@@ -44,6 +44,9 @@ pub enum ApiError {
     },
     /// 429: the per-user limit; `retry_after` in seconds.
     RateLimited { retry_after: u64 },
+    /// 429: the user's daily token quota in this guild is spent; `retry_after` in seconds,
+    /// until the next UTC midnight.
+    QuotaExceeded { quota: u64, retry_after: u64 },
     /// 500
     Internal,
     /// 500: the upstream failed for good while answering (OpenAI-compatible routes).
@@ -110,7 +113,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal | Self::Upstream { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable { .. } | Self::StoreUnreachable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -176,6 +179,14 @@ impl ApiError {
                 "rate_limited",
                 None,
             ),
+            Self::QuotaExceeded { quota, retry_after } => (
+                format!(
+                    "Daily token quota of {quota} used up in this guild; it resets at 00:00 UTC, in {retry_after} seconds"
+                ),
+                "rate_limit_error",
+                "quota_exceeded",
+                None,
+            ),
             Self::Internal => (
                 "Internal server error".to_owned(),
                 "server_error",
@@ -214,7 +225,7 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut response = (status, Json(Body { error: self.body() })).into_response();
         match &self {
-            Self::RateLimited { retry_after } => {
+            Self::RateLimited { retry_after } | Self::QuotaExceeded { retry_after, .. } => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));

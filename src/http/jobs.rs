@@ -15,9 +15,9 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiJson, ApiQuery};
 use super::state::AppState;
-use super::submission::{self, Content, SubmitRequest, check_id};
+use super::submission::{self, Admission, Content, SubmitRequest, check_id};
 use crate::cache::{self, Verdict};
-use crate::domain::{Job, JobError, JobResult, JobState, NewJob, Usage};
+use crate::domain::{GuildSettings, Job, JobError, JobResult, JobState, NewJob, Usage};
 use crate::limiter::Decision;
 use crate::signals::Subscription;
 use crate::store::Pushed;
@@ -122,31 +122,6 @@ pub fn with_rate_headers(mut response: Response, decision: &Decision) -> Respons
     response
 }
 
-/// Counts one request against `user`'s quota: in the store when it keeps limits (shared by
-/// replicas), else in this process. The outer error is a store that cannot be asked.
-pub async fn limit(
-    state: &AppState,
-    user: &str,
-) -> Result<(Decision, Result<(), ApiError>), ApiError> {
-    let limit = state.config.rate_limit.get();
-    let decision = match state
-        .store
-        .take(user, limit, state.config.rate_window)
-        .await?
-    {
-        Some(take) => Decision::from_take(&take, limit),
-        None => state.limiter.check(user),
-    };
-    let verdict = match decision.retry_after_secs {
-        Some(retry_after) if !decision.allowed => {
-            state.metrics.rate_limited.inc();
-            Err(ApiError::RateLimited { retry_after })
-        }
-        _ => Ok(()),
-    };
-    Ok((decision, verdict))
-}
-
 /// Adds `x-chatq-cache` to an answer.
 pub fn with_cache_header(mut response: Response, verdict: Verdict) -> Response {
     const CACHE: HeaderName = HeaderName::from_static(cache::HEADER);
@@ -158,8 +133,15 @@ pub fn with_cache_header(mut response: Response, verdict: Verdict) -> Response {
 
 /// What the response cache says about `new`: its verdict, and the job's result on a hit. A
 /// delayed job is looked up when it runs, not now.
-pub async fn consult_cache(state: &AppState, new: &NewJob) -> (Verdict, Option<JobResult>) {
-    let Some(terms) = state.cache.terms(new.guild_id.as_deref(), &new.request) else {
+pub async fn consult_cache(
+    state: &AppState,
+    new: &NewJob,
+    guild: Option<&GuildSettings>,
+) -> (Verdict, Option<JobResult>) {
+    let Some(terms) = state
+        .cache
+        .terms(guild, new.guild_id.as_deref(), &new.request)
+    else {
         return (Verdict::Off, None);
     };
     if new.delay_ms > 0 {
@@ -284,7 +266,7 @@ pub async fn submit(
     headers: HeaderMap,
     ApiJson(body): ApiJson<SubmitBody>,
 ) -> Result<Response, ApiError> {
-    let (decision, pushed) = submit_job(&state, body, "user_id", &headers).await?;
+    let (admission, pushed) = submit_job(&state, body, "user_id", &headers).await?;
     let result = pushed.map(|(pushed, verdict)| {
         let status = if pushed.created {
             StatusCode::ACCEPTED
@@ -306,29 +288,32 @@ pub async fn submit(
         }
         with_cache_header(response, verdict)
     });
-    Ok(with_rate_headers(result.into_response(), &decision))
+    Ok(admission.headers(result.into_response()))
 }
 
-/// The submit flow both job routes share: check the user id (reported as `user_param`),
-/// count the request against the user's limit, check the rest, consult the cache, push.
-/// Returns the limiter's decision, for the headers of whatever the route answers, and the
-/// pushed job with the cache's verdict, or why not.
+/// The submit flow both job routes share (see `submission`): check the user id (reported
+/// as `user_param`), admit (guild, limit, quota), check the rest, fill a conversation's
+/// history, consult the cache, push. Returns the admission, for the headers of whatever the
+/// route answers, and the pushed job with the cache's verdict, or why not.
 pub async fn submit_job(
     state: &AppState,
     body: SubmitBody,
     user_param: &str,
     headers: &HeaderMap,
-) -> Result<(Decision, Result<(Pushed, Verdict), ApiError>), ApiError> {
+) -> Result<(Admission, Result<(Pushed, Verdict), ApiError>), ApiError> {
     check_id(user_param, &body.user_id)?;
-    let (decision, allowed) = limit(state, &body.user_id).await?;
+    let guild_id = body.guild_id.clone();
+    let (admission, allowed) = submission::admit(state, &body.user_id, guild_id.as_deref()).await?;
     let pushed = async {
         allowed?;
-        let new = submission::parse(state, body.into_request(request_id(headers))?)?;
-        let (verdict, hit) = consult_cache(state, &new).await;
+        let guild = admission.settings();
+        let mut new = submission::parse(state, body.into_request(request_id(headers))?, guild)?;
+        submission::fill_history(state, guild, &mut new).await?;
+        let (verdict, hit) = consult_cache(state, &new, guild).await;
         Ok((push(state, new, hit).await?, verdict))
     }
     .await;
-    Ok((decision, pushed))
+    Ok((admission, pushed))
 }
 
 pub fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {

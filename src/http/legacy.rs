@@ -54,7 +54,7 @@ pub async fn submit(
         personality: body.personality,
         ..SubmitBody::default()
     };
-    let (decision, pushed) = jobs::submit_job(&state, submission, "userId", &headers).await?;
+    let (admission, pushed) = jobs::submit_job(&state, submission, "userId", &headers).await?;
     let result = pushed.map(|(pushed, verdict)| {
         let response = (
             StatusCode::ACCEPTED,
@@ -72,7 +72,7 @@ pub async fn submit(
         );
         jobs::with_cache_header(response.into_response(), verdict)
     });
-    Ok(jobs::with_rate_headers(result.into_response(), &decision))
+    Ok(admission.headers(result.into_response()))
 }
 
 #[derive(Debug, Serialize)]

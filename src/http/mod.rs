@@ -8,7 +8,9 @@
 mod admin;
 mod auth;
 mod completions;
+mod conversations;
 pub mod error;
+mod guilds;
 mod jobs;
 mod legacy;
 mod messages;
@@ -49,6 +51,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/chat/jobs/{id}", get(legacy::get_job))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/models", get(completions::models))
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::get).delete(conversations::forget),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_client,
@@ -61,6 +67,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queue/resume", post(admin::resume))
         .route("/v1/interactions", get(admin::interactions))
         .route("/v1/cache", delete(admin::clear_cache))
+        .route("/v1/usage", get(admin::usage))
+        .route("/v1/guilds", get(guilds::list))
+        .route(
+            "/v1/guilds/{guild_id}",
+            get(guilds::get).put(guilds::put).delete(guilds::delete),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,

@@ -7,8 +7,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bot::ChatBot;
 use crate::cache::ResponseCache;
+use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::limiter::UserLimiter;
+use crate::limiter::{GuildLimiters, UserLimiter};
 use crate::metrics::Metrics;
 use crate::signals::Signals;
 use crate::store::Store;
@@ -24,6 +25,10 @@ pub struct Shared {
     pub handoff: Handoff,
     pub validator: Validator,
     pub limiter: Arc<UserLimiter>,
+    /// The limits guilds set for themselves, when the store keeps none.
+    pub guild_limiters: GuildLimiters,
+    /// The time as the store sees it (quotas reset at its UTC midnight).
+    pub clock: SharedClock,
     pub metrics: Arc<Metrics>,
     pub bot: Arc<ChatBot>,
     pub cache: Arc<ResponseCache>,

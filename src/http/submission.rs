@@ -6,13 +6,28 @@
 //! key), the content (prompt or messages, each message by the rules of `validate.rs`), the
 //! sampling parameters, the personality, then the queue options (priority, delay, attempts).
 //! The user id is checked by the route before the rate limit, since it is the limit's key.
+//!
+//! The whole flow, shared by the routes: check the user id → [`admit`] (load the guild's
+//! settings, count the request against the rate limit, the guild's own or the server's, and
+//! check the user's daily token quota in the guild) → [`parse`] (with the guild's defaults
+//! and allowed personalities) → [`fill_history`] (a server-side conversation's turns) → the
+//! response cache → push.
 
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::Response;
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::error::ApiError;
 use super::state::AppState;
-use crate::domain::{ChatRequest, Message, NewJob, Role};
+use crate::domain::{
+    ChatRequest, GLOBAL_GUILD, GroupBy, Guild, GuildSettings, Message, NewJob, Role, UsageQuery,
+    utc_day_start,
+};
+use crate::limiter::{Decision, GuildLimiters};
 use crate::validate::ValidationError;
 
 /// Longest user, guild, conversation id and idempotency key, in characters.
@@ -114,8 +129,184 @@ fn invalid_field(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_field", message, Some(param))
 }
 
-/// Turns a submission into a job for the queue, or says what is wrong with it.
-pub fn parse(state: &AppState, request: SubmitRequest) -> Result<NewJob, ApiError> {
+/// What [`admit`] found before the request is parsed.
+#[derive(Debug)]
+pub struct Admission {
+    /// The settings of the request's guild, if it has any.
+    pub guild: Option<Guild>,
+    /// The rate limiter's verdict, for the headers of whatever the route answers.
+    pub decision: Decision,
+    /// Tokens the user has left today in the guild, when the guild sets a quota.
+    pub quota_remaining: Option<u64>,
+}
+
+impl Admission {
+    pub fn settings(&self) -> Option<&GuildSettings> {
+        self.guild.as_ref().map(|g| &g.settings)
+    }
+
+    /// Adds the rate-limit headers and `X-Quota-Remaining` to an answer.
+    pub fn headers(&self, response: Response) -> Response {
+        const QUOTA: HeaderName = HeaderName::from_static("x-quota-remaining");
+        let mut response = super::jobs::with_rate_headers(response, &self.decision);
+        if let Some(left) = self.quota_remaining {
+            response
+                .headers_mut()
+                .insert(QUOTA, HeaderValue::from(left));
+        }
+        response
+    }
+}
+
+/// Loads the guild's settings, counts one request of `user` against the rate limit (the
+/// guild's own, or the server's) and checks the user's daily token quota in the guild. The
+/// outer error is a store that cannot be asked; the inner one says why the request is
+/// refused (and goes out with the admission's headers).
+pub async fn admit(
+    state: &AppState,
+    user: &str,
+    guild_id: Option<&str>,
+) -> Result<(Admission, Result<(), ApiError>), ApiError> {
+    // An invalid guild id is refused by `parse`; it has no settings to load.
+    let guild = match guild_id.filter(|g| check_id("guild_id", g).is_ok()) {
+        Some(id) => state.store.guild(id).await?,
+        None => None,
+    };
+    let settings = guild.as_ref().map(|g| &g.settings);
+    let decision = match (guild_id, settings.and_then(|s| s.rate_limit)) {
+        (Some(id), Some(own)) => {
+            let limit = NonZeroU32::new(own.limit).unwrap_or(NonZeroU32::MIN);
+            let window = Duration::from_secs(own.window_secs);
+            let key = GuildLimiters::key(id, user);
+            match state.store.take(&key, limit.get(), window).await? {
+                Some(take) => Decision::from_take(&take, limit.get()),
+                None => state.guild_limiters.check(id, user, limit, window),
+            }
+        }
+        _ => {
+            let limit = state.config.rate_limit.get();
+            match state
+                .store
+                .take(user, limit, state.config.rate_window)
+                .await?
+            {
+                Some(take) => Decision::from_take(&take, limit),
+                None => state.limiter.check(user),
+            }
+        }
+    };
+    let mut admission = Admission {
+        guild: None,
+        decision,
+        quota_remaining: None,
+    };
+    if let Some(retry_after) = decision.retry_after_secs.filter(|_| !decision.allowed) {
+        state.metrics.rate_limited.inc();
+        admission.guild = guild;
+        return Ok((admission, Err(ApiError::RateLimited { retry_after })));
+    }
+    let mut verdict = Ok(());
+    if let (Some(id), Some(quota)) = (guild_id, settings.and_then(|s| s.daily_token_quota)) {
+        let now = state.clock.now_ms();
+        let day = utc_day_start(now);
+        let used: u64 = state
+            .store
+            .usage(&UsageQuery {
+                guild_id: Some(id.to_owned()),
+                user_id: Some(user.to_owned()),
+                since: Some(day),
+                until: None,
+                group_by: GroupBy::User,
+            })
+            .await?
+            .iter()
+            .map(|row| row.prompt_tokens + row.completion_tokens)
+            .sum();
+        let left = quota.saturating_sub(used);
+        admission.quota_remaining = Some(left);
+        if left == 0 {
+            let midnight = day + 86_400_000;
+            verdict = Err(ApiError::QuotaExceeded {
+                quota,
+                retry_after: (midnight - now).div_ceil(1_000).max(1),
+            });
+        }
+    }
+    admission.guild = guild;
+    Ok((admission, verdict))
+}
+
+/// The personality a request gets in a guild: the one it named, else the guild's; refused
+/// when the guild allows only others.
+pub fn guild_personality(
+    guild: Option<&GuildSettings>,
+    named: Option<String>,
+    param: &str,
+) -> Result<Option<String>, ApiError> {
+    let Some(guild) = guild else {
+        return Ok(named);
+    };
+    let chosen = named.or_else(|| guild.personality.clone());
+    if let Some(allowed) = &guild.allowed_personalities {
+        // No name means the default personality, which the list must name too.
+        let name = chosen
+            .as_deref()
+            .unwrap_or(crate::bot::personality::DEFAULT_PERSONALITY);
+        if !allowed.iter().any(|a| a == name) {
+            return Err(ApiError::Validation {
+                message: format!(
+                    "The personality {name:?} is not allowed in this guild; allowed: {}",
+                    allowed.join(", ")
+                ),
+                code: "personality_not_allowed",
+                param: Some(param.to_owned()),
+            });
+        }
+    }
+    Ok(chosen)
+}
+
+/// For a job of a server-side conversation that brought no history of its own: the last
+/// exchanges of that conversation in its guild (the guild's `history_turns`, else 10).
+pub async fn fill_history(
+    state: &AppState,
+    guild: Option<&GuildSettings>,
+    new: &mut NewJob,
+) -> Result<(), ApiError> {
+    let Some(conversation) = &new.conversation_id else {
+        return Ok(());
+    };
+    if new.request.history.iter().any(|m| m.role != Role::System) {
+        return Ok(());
+    }
+    let turns = guild
+        .and_then(|g| g.history_turns)
+        .unwrap_or(crate::defaults::HISTORY_TURNS) as usize;
+    if turns == 0 {
+        return Ok(());
+    }
+    let guild_id = new.guild_id.as_deref().unwrap_or(GLOBAL_GUILD);
+    let stored = state.store.turns(guild_id, conversation, turns).await?;
+    for turn in stored {
+        new.request.conversation.push(Message {
+            role: Role::User,
+            content: turn.prompt,
+        });
+        new.request.conversation.push(Message {
+            role: Role::Assistant,
+            content: turn.reply,
+        });
+    }
+    Ok(())
+}
+
+/// Turns a submission into a job for the queue, or says what is wrong with it; `guild` is the
+/// request's guild's settings, whose defaults and rules apply.
+pub fn parse(
+    state: &AppState,
+    request: SubmitRequest,
+    guild: Option<&GuildSettings>,
+) -> Result<NewJob, ApiError> {
     if let Some((guild, param)) = &request.guild_id {
         check_id(param, guild)?;
     }
@@ -224,6 +415,7 @@ pub fn parse(state: &AppState, request: SubmitRequest) -> Result<NewJob, ApiErro
             "max_attempts must be between 1 and 100",
         ));
     }
+    let personality = guild_personality(guild, request.personality, "personality")?;
     Ok(NewJob {
         id: request.id,
         user_id: request.user_id,
@@ -232,11 +424,12 @@ pub fn parse(state: &AppState, request: SubmitRequest) -> Result<NewJob, ApiErro
         request: ChatRequest {
             prompt,
             history,
-            personality: request.personality,
-            temperature: request.temperature,
-            max_tokens: request.max_tokens,
-            model: None,
-            instructions: None,
+            personality,
+            temperature: request.temperature.or(guild.and_then(|g| g.temperature)),
+            max_tokens: request.max_tokens.or(guild.and_then(|g| g.max_tokens)),
+            model: guild.and_then(|g| g.model.clone()),
+            instructions: guild.and_then(|g| g.instructions.clone()),
+            conversation: Vec::new(),
         },
         priority,
         delay_ms,

@@ -7,12 +7,12 @@
 //! |---|---|
 //! | 1 | the job's fields, `seq`, `log_pending` (the job type carried both) |
 //! | 2 | the job's fields, `seq`, `log_pending`, `lease` |
-//! | 3 | the same, with `model` and `instructions` at the end of the request and `cached` at the end of the result |
+//! | 3 | the same, with `model`, `instructions` and `conversation` at the end of the request and `cached` at the end of the result |
 //!
 //! Version 2 added the fencing token of the current claim; version 3 a guild's model and
 //! instructions on the request and the result's `cached` flag. Older records read as version 3
-//! ones with `lease` 0 (no claim was ever fenced), no model or instructions (there were no
-//! guild settings) and `cached` false (there was no cache), through the layouts in [`before_v3`], so a data
+//! ones with `lease` 0 (no claim was ever fenced), no model, instructions or conversation
+//! (there were no guild settings or server-side conversations) and `cached` false (there was no cache), through the layouts in [`before_v3`], so a data
 //! directory written by an earlier release opens unchanged; a record is rewritten as version
 //! 3 when its job next changes. A change to the domain types' fields changes this layout: the
 //! test `a_version_3_record_has_this_exact_layout` fails until a new version is added here.
@@ -91,7 +91,8 @@ struct StoredJobV2 {
 }
 
 /// The domain types as records before version 3 (and interaction entries before version 2)
-/// laid them out: without the request's `model` and `instructions` and the result's `cached`. Read-only; each converts into today's type.
+/// laid them out: without the request's `model`, `instructions` and `conversation` and the
+/// result's `cached`. Read-only; each converts into today's type.
 mod before_v3 {
     use serde::Deserialize;
     use uuid::Uuid;
@@ -118,6 +119,7 @@ mod before_v3 {
                 max_tokens: r.max_tokens,
                 model: None,
                 instructions: None,
+                conversation: Vec::new(),
             }
         }
     }
@@ -517,6 +519,7 @@ mod tests {
                     max_tokens: None,
                     model: None,
                     instructions: None,
+                    conversation: Vec::new(),
                 },
                 priority: 2,
                 attempts: 1,
@@ -603,6 +606,7 @@ mod tests {
             REQUEST_OF_EVERY_VERSION,
             "01026d32", // request: model Some("m2")
             "00",       // request: instructions
+            "00",       // request: conversation []
             FIELDS_BEFORE_CACHED,
             "01", // result: cached
             FIELDS_AFTER_RESULT,
