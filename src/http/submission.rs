@@ -236,8 +236,9 @@ pub async fn admit(
     Ok((admission, verdict))
 }
 
-/// The personality a request gets in a guild: the one it named, else the guild's; refused
-/// when the guild allows only others.
+/// The personality a request gets in a guild: the one it named, else the guild's, else (when
+/// the guild allows only some) the first it allows; refused when it names one the guild does
+/// not allow.
 pub fn guild_personality(
     guild: Option<&GuildSettings>,
     named: Option<String>,
@@ -246,13 +247,15 @@ pub fn guild_personality(
     let Some(guild) = guild else {
         return Ok(named);
     };
-    let chosen = named.or_else(|| guild.personality.clone());
-    if let Some(allowed) = &guild.allowed_personalities {
-        // No name means the default personality, which the list must name too.
-        let name = chosen
-            .as_deref()
-            .unwrap_or(crate::bot::personality::DEFAULT_PERSONALITY);
-        if !allowed.iter().any(|a| a == name) {
+    let allowed = guild.allowed_personalities.as_deref();
+    let Some(name) = named else {
+        return Ok(guild
+            .personality
+            .clone()
+            .or_else(|| allowed.and_then(|a| a.first().cloned())));
+    };
+    if let Some(allowed) = allowed {
+        if !allowed.contains(&name) {
             return Err(ApiError::Validation {
                 message: format!(
                     "The personality {name:?} is not allowed in this guild; allowed: {}",
@@ -263,7 +266,7 @@ pub fn guild_personality(
             });
         }
     }
-    Ok(chosen)
+    Ok(Some(name))
 }
 
 /// For a job of a server-side conversation that brought no history of its own: the last

@@ -11,6 +11,7 @@ mod chaos;
 mod completions;
 mod crash;
 mod disk;
+mod guilds;
 mod jobs;
 mod limits;
 mod postgres;
