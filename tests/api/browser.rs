@@ -23,5 +23,5 @@ fn pages_work_in_headless_chromium() {
         output.status.success(),
         "the browser tests failed:\n{report}"
     );
-    assert!(report.contains("Ran 3 tests"), "{report}");
+    assert!(report.contains("Ran 4 tests"), "{report}");
 }

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from selenium import webdriver
@@ -35,7 +36,7 @@ class Upstream(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         prompt = body["messages"][-1]["content"]
-        if "fail me" in prompt and FAIL_ONCE["left"] > 0:
+        if ("fail me" in prompt and FAIL_ONCE["left"] > 0) or "always fail" in prompt:
             FAIL_ONCE["left"] -= 1
             data = b'{"error": {"message": "the mock refuses"}}'
             self.send_response(400)
@@ -46,7 +47,8 @@ class Upstream(BaseHTTPRequestHandler):
             return
         reply = MARKUP if "markup" in prompt else ("recovered" if "fail me" in prompt else GREETING)
         if not body.get("stream"):
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}],
+                               "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
@@ -69,28 +71,49 @@ class Upstream(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+def call(base, path, body=None, method=None):
+    """One JSON request to a chatq; returns (status, body)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
 class PagesInChromium(unittest.TestCase):
     @classmethod
-    def setUpClass(cls):
-        cls.mock = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-        threading.Thread(target=cls.mock.serve_forever, daemon=True).start()
-        cls.data = tempfile.TemporaryDirectory()
+    def start_chatq(cls, args):
+        """Starts a chatq on a free loopback port in a data directory of its own."""
+        data = tempfile.mkdtemp(prefix="chatq-data-")
         env = dict(os.environ)
         env.update({
             "OPENAI_API_KEY": "mock-key",
             "OPENAI_BASE_URL": f"http://127.0.0.1:{cls.mock.server_port}/v1",
             "RUST_LOG": "info",
         })
-        cls.chatq = subprocess.Popen(
-            [BIN, "serve", "--listen", "127.0.0.1:0", "--data-dir", cls.data.name,
-             "--admin-token", "admin-secret", "--rate-limit", "5", "--backoff-ms", "100"],
+        process = subprocess.Popen(
+            [BIN, "serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--backoff-ms", "100", *args],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
         )
-        for line in cls.chatq.stderr:
+        base = None
+        for line in process.stderr:
             if "listening on http://" in line:
-                cls.base = line.split("listening on ", 1)[1].strip()
+                base = line.split("listening on ", 1)[1].strip()
                 break
-        threading.Thread(target=lambda: [None for _ in cls.chatq.stderr], daemon=True).start()
+        threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+        cls.processes.append(process)
+        return base
+
+    @classmethod
+    def setUpClass(cls):
+        cls.mock = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+        threading.Thread(target=cls.mock.serve_forever, daemon=True).start()
+        cls.processes = []
+        cls.base = cls.start_chatq(["--admin-token", "admin-secret", "--rate-limit", "5"])
+        cls.bases = [cls.base]
         cls.shots = tempfile.mkdtemp(prefix="chatq-screenshots-")
         print(f"screenshots: {cls.shots}", flush=True)
         options = webdriver.ChromeOptions()
@@ -106,12 +129,17 @@ class PagesInChromium(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.driver.quit()
-        cls.chatq.terminate()
-        cls.chatq.wait(timeout=30)
+        for process in cls.processes:
+            process.terminate()
+            process.wait(timeout=30)
         cls.mock.shutdown()
 
     def tearDown(self):
+        # The whole page, not only the window: the admin page is taller than it.
+        height = self.driver.execute_script("return document.documentElement.scrollHeight")
+        self.driver.set_window_size(1100, max(900, min(height, 4000)))
         self.driver.save_screenshot(os.path.join(self.shots, self._testMethodName + ".png"))
+        self.driver.set_window_size(1100, 900)
         logs = self.driver.get_log("browser")
         errors = [e for e in logs if e["level"] == "SEVERE" and e.get("source") != "network"]
         self.assertEqual(errors, [], "the page logged JavaScript errors")
@@ -121,7 +149,7 @@ class PagesInChromium(unittest.TestCase):
                 url = message["params"]["request"]["url"]
                 if url.startswith(("chrome:", "about:", "data:")):
                     continue  # the browser's own pages, not the network
-                self.assertTrue(url.startswith(self.base + "/"), f"request outside chatq: {url}")
+                self.assertTrue(any(url.startswith(b + "/") for b in self.bases), f"request outside chatq: {url}")
 
     def wait_for(self, condition, timeout=15):
         end = time.time() + timeout
@@ -222,6 +250,71 @@ class PagesInChromium(unittest.TestCase):
         self.assertEqual(len(users), 2)
         self.assertIn(MARKUP, self.driver.find_element(By.ID, "entries").text, "log text shown literally")
         self.assertIsNone(self.driver.execute_script("return window.__pwned"))
+
+    def test_4_admin_opens_at_once_draws_the_last_day_and_edits_a_guild(self):
+        # A chatq on loopback without an admin token: the dashboard needs no token, so it
+        # opens at once, without asking for one.
+        base = self.start_chatq(["--rate-limit", "100"])
+        self.bases.append(base)
+        for guild, n in [("g-big", 3), ("g-small", 1)]:
+            for i in range(n):
+                status, job = call(base, "/v1/chat/jobs", {"user_id": f"u{i}", "guild_id": guild, "prompt": f"hello {i}"})
+                self.assertEqual(status, 202, job)
+                call(base, f"/v1/chat/jobs/{job['id']}?wait=10")
+        status, job = call(base, "/v1/chat/jobs", {"user_id": "x", "guild_id": "g-small", "prompt": "always fail"})
+        self.assertEqual(status, 202, job)
+        status, failed = call(base, f"/v1/chat/jobs/{job['id']}?wait=10")
+        self.assertEqual(failed["status"], "failed", failed)
+
+        self.driver.get(base + "/admin")
+        self.wait_for(lambda: self.driver.find_element(By.ID, "panel").is_displayed())
+        self.assertFalse(self.driver.find_element(By.ID, "login").is_displayed(), "no token form")
+        total = lambda kind: sum(int(r.get_attribute("data-value"))
+                                 for r in self.driver.find_elements(By.CSS_SELECTOR, f"#chart-hours rect.{kind}"))
+        self.wait_for(lambda: total("requests") == 5)
+        self.assertEqual(len(self.driver.find_elements(By.CSS_SELECTOR, "#chart-hours rect.requests")), 24, "one bar per hour")
+        self.assertEqual(total("failed"), 1)
+        self.assertEqual(total("fallback"), 0)
+        tokens = {r.get_attribute("data-guild"): int(r.get_attribute("data-value"))
+                  for r in self.driver.find_elements(By.CSS_SELECTOR, "#chart-guilds rect")}
+        self.assertEqual(tokens, {"g-big": 54, "g-small": 18}, "18 tokens per upstream reply")
+        self.assertIn("g-big", self.driver.find_element(By.ID, "chart-guilds").text)
+
+        # A new guild's settings, first with a value the server refuses.
+        self.wait_for(lambda: self.driver.find_elements(By.CSS_SELECTOR, "#g-personality option[value=technical]"))
+        self.driver.find_element(By.ID, "g-id").send_keys("g-big")
+        self.driver.find_element(By.CSS_SELECTOR, "#g-personality option[value=technical]").click()
+        self.driver.find_element(By.ID, "g-daily_token_quota").send_keys("500")
+        self.driver.find_element(By.ID, "g-instructions").send_keys("Be brief.")
+        temperature = self.driver.find_element(By.ID, "g-temperature")
+        temperature.send_keys("5")
+        self.driver.find_element(By.CSS_SELECTOR, "#guild-form button[type=submit]").click()
+        error = self.wait_for(lambda: self.driver.find_element(By.ID, "error").text)
+        self.assertIn("temperature", error)
+        self.assertEqual(call(base, "/v1/guilds/g-big")[0], 404, "nothing was saved")
+        temperature.clear()
+        temperature.send_keys("0.4")
+        self.driver.find_element(By.CSS_SELECTOR, "#guild-form button[type=submit]").click()
+        row = lambda: self.driver.find_element(By.CSS_SELECTOR, "#guilds tr[data-guild=g-big]").text
+        self.wait_for(lambda: "technical" in row() and "500" in row())
+        status, saved = call(base, "/v1/guilds/g-big")
+        self.assertEqual(status, 200, saved)
+        self.assertEqual(saved["settings"]["personality"], "technical")
+        self.assertEqual(saved["settings"]["daily_token_quota"], 500)
+        self.assertEqual(saved["settings"]["instructions"], "Be brief.")
+        self.assertAlmostEqual(saved["settings"]["temperature"], 0.4, places=5)
+        self.assertEqual(self.driver.find_element(By.ID, "error").text, "")
+        # Edit fills the form back from what is stored.
+        self.driver.find_element(By.ID, "g-clear").click()
+        self.assertEqual(self.driver.find_element(By.ID, "g-id").get_attribute("value"), "")
+
+        def edit():
+            self.driver.find_element(By.CSS_SELECTOR, "#guilds tr[data-guild=g-big] button").click()
+            return self.driver.find_element(By.ID, "g-id").get_attribute("value") == "g-big"
+
+        self.wait_for(edit)
+        self.assertEqual(self.driver.find_element(By.ID, "g-daily_token_quota").get_attribute("value"), "500")
+        self.driver.execute_script("window.scrollTo(0, 0)")
 
 
 if __name__ == "__main__":
