@@ -163,6 +163,9 @@ pub struct ServeArgs {
     /// Drop interaction-log entries older than this many days (default: keep).
     #[arg(long, env = "CHATQ_LOG_MAX_AGE_DAYS")]
     pub log_max_age_days: Option<u64>,
+    /// Conversation turns older than this many days are forgotten.
+    #[arg(long, env = "CHATQ_CONVERSATION_MAX_AGE_DAYS", default_value_t = defaults::CONVERSATION_MAX_AGE_DAYS, value_parser = clap::value_parser!(u64).range(1..=3_650))]
+    pub conversation_max_age_days: u64,
     /// How long a reply stays in the response cache, in seconds; 0 (the default) leaves the
     /// cache off. Identical requests in a guild within it are answered without an upstream call.
     #[arg(long, env = "CHATQ_CACHE_TTL_SECS", default_value_t = defaults::CACHE_TTL_SECS, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]

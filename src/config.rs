@@ -171,6 +171,7 @@ impl Config {
         store.keep_completed = args.keep_completed;
         store.keep_failed = args.keep_failed;
         store.cache_max_entries = args.cache_max_entries;
+        store.conversation_max_age_ms = args.conversation_max_age_days.saturating_mul(86_400_000);
         if let Backend::Embedded(embedded) = &mut store.backend {
             embedded.min_free_bytes = args.min_free_disk_mb.saturating_mul(1024 * 1024);
         }
