@@ -417,3 +417,53 @@ async fn with_the_cache_off_the_header_says_so_and_nothing_is_stored() {
     assert_eq!(cache_entries(&app).await, 0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_guilds_own_ttl_turns_the_cache_on_or_off_there() {
+    let upstream = MockUpstream::start().await;
+    let app = spawn_app(|c| {
+        c.upstream = Some(upstream.config(Duration::from_secs(5)));
+    })
+    .await;
+    for (guild, ttl) in [("on", 600), ("off", 0)] {
+        let put = app
+            .send(
+                app.http
+                    .put(app.url(&format!("/v1/guilds/{guild}")))
+                    .json(&json!({"cache_ttl_secs": ttl})),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{put:?}");
+    }
+    let in_guild = |g: &str| json!({"user_id": "u", "guild_id": g, "prompt": "hi"});
+    assert_eq!(ask(&app, in_guild("on")).await.0, "miss");
+    assert_eq!(ask(&app, in_guild("on")).await.0, "hit", "on in its guild");
+    assert_eq!(
+        ask(&app, in_guild("plain")).await.0,
+        "off",
+        "the server's is off"
+    );
+    app.stop().await;
+
+    let upstream = MockUpstream::start().await;
+    let app = spawn_app(|c| with_cache(c, &upstream)).await;
+    let put = app
+        .send(
+            app.http
+                .put(app.url("/v1/guilds/off"))
+                .json(&json!({"cache_ttl_secs": 0})),
+        )
+        .await;
+    assert_eq!(put.status, 200);
+    for _ in 0..2 {
+        assert_eq!(ask(&app, in_guild("off")).await.0, "off");
+    }
+    assert_eq!(
+        upstream.request_count(),
+        2,
+        "no entry in a guild with the cache off"
+    );
+    assert_eq!(ask(&app, in_guild("plain")).await.0, "miss");
+    assert_eq!(ask(&app, in_guild("plain")).await.0, "hit");
+    app.stop().await;
+}

@@ -711,3 +711,76 @@ async fn replicas_share_one_response_cache_across_a_sigkill() {
     b.wait().unwrap();
     db.drop_it().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guild_settings_and_conversations_are_shared_by_replicas() {
+    use crate::helpers::{MockUpstream, Reply};
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let env = upstream.env();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--database-url", db.url.as_str()];
+    let (mut a, base_a) = start_chatq_with_env(&dir.path().join("a"), &args, &env);
+    let (mut b, base_b) = start_chatq_with_env(&dir.path().join("b"), &args, &env);
+    let http = reqwest::Client::new();
+    let put = http
+        .put(format!("{base_a}/v1/guilds/g1"))
+        .json(&json!({"model": "guild-model", "instructions": "Speak like a pirate.", "daily_token_quota": 20}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let ask = |base: &str, prompt: &str| {
+        let (http, url) = (http.clone(), format!("{base}/v1/chat/jobs"));
+        let body =
+            json!({"user_id": "ann", "guild_id": "g1", "conversation_id": "c", "prompt": prompt});
+        async move {
+            let response = http.post(&url).json(&body).send().await.unwrap();
+            let status = response.status().as_u16();
+            let quota = response
+                .headers()
+                .get("x-quota-remaining")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let accepted: Value = response.json().await.unwrap();
+            (status, quota, accepted)
+        }
+    };
+    upstream.script([Reply::text("Ahoy, Ann!")]);
+    let (status, quota, accepted) = ask(&base_a, "I am Ann.").await;
+    assert_eq!((status, quota.as_deref()), (202, Some("20")), "{accepted}");
+    let id = accepted["id"].as_str().unwrap();
+    let job = get_json(&http, &format!("{base_a}/v1/chat/jobs/{id}?wait=10")).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    // B: the settings A saved, the conversation A's job continued, the tokens it spent.
+    let (status, quota, accepted) = ask(&base_b, "Who am I?").await;
+    assert_eq!(
+        (status, quota.as_deref()),
+        (202, Some("2")),
+        "18 of 20 tokens spent on A"
+    );
+    let id = accepted["id"].as_str().unwrap();
+    get_json(&http, &format!("{base_b}/v1/chat/jobs/{id}?wait=10")).await;
+    let sent = upstream.requests().last().unwrap().1.clone();
+    assert_eq!(sent["model"], "guild-model");
+    assert!(
+        sent["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .ends_with("Speak like a pirate.")
+    );
+    assert_eq!(sent["messages"][1]["content"], "I am Ann.");
+    assert_eq!(sent["messages"][2]["content"], "Ahoy, Ann!");
+    let (status, _, refused) = ask(&base_a, "again").await;
+    assert_eq!(
+        status, 429,
+        "the quota is one count across replicas: {refused}"
+    );
+    assert_eq!(refused["error"]["code"], "quota_exceeded");
+    for child in [&mut a, &mut b] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    db.drop_it().await;
+}
