@@ -49,6 +49,19 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
+/// The failure codes a job can end with (`JobError::code`), shown at 0 from the start.
+const KNOWN_FAILURE_CODES: [&str; 2] = ["openai_error", "missing_prompt"];
+/// The upstream outcomes every deployment sees; other statuses appear when they happen.
+const KNOWN_UPSTREAM_STATUSES: [&str; 7] = [
+    "200",
+    "429",
+    "500",
+    "503",
+    "timeout",
+    "connect_error",
+    "invalid_response",
+];
+
 pub struct Metrics {
     registry: Registry,
     pub jobs_accepted: Counter,
@@ -211,9 +224,35 @@ impl Metrics {
             "Replies in the response cache",
             m.cache_entries.clone(),
         );
-        // Both results from the start, so a hit ratio is defined before the first request.
+        // Every family from the start, with its known label values at 0: a dashboard's rate()
+        // and an alert on failures see a series on a fresh server, not nothing.
         for result in ["hit", "miss"] {
             drop(m.cache_requests.get_or_create(&ResultLabel { result }));
+        }
+        for fallback in ["false", "true"] {
+            drop(m.jobs_completed.get_or_create(&FallbackLabel { fallback }));
+        }
+        for code in KNOWN_FAILURE_CODES {
+            drop(m.jobs_failed.get_or_create(&CodeLabel {
+                code: code.to_owned(),
+            }));
+        }
+        for status in KNOWN_UPSTREAM_STATUSES {
+            drop(m.upstream_requests.get_or_create(&StatusLabel {
+                status: status.to_owned(),
+            }));
+        }
+        // The routes every deployment is probed on; others appear with their first request.
+        for route in ["/healthz", "/readyz", "/metrics"] {
+            drop(m.http_requests.get_or_create(&RouteLabel {
+                route: route.to_owned(),
+                status: 200,
+            }));
+        }
+        for state in crate::domain::JobState::ALL {
+            drop(m.queue_depth.get_or_create(&StateLabel {
+                state: state.as_str(),
+            }));
         }
         Self { registry, ..m }
     }

@@ -256,7 +256,7 @@ fn completion(job: &Job, label: Option<String>) -> Response {
         "model": label.unwrap_or_else(|| result.model.clone()),
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": result.reply},
+            "message": {"role": "assistant", "content": result.reply, "refusal": null},
             "finish_reason": "stop",
             "logprobs": null
         }],

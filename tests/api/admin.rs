@@ -182,3 +182,55 @@ async fn interaction_times_are_rfc3339_like_the_job_views() {
     assert!(entry["timestamp_ms"].as_u64().unwrap() > 1_700_000_000_000);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_fresh_servers_metrics_have_every_family_with_zeros() {
+    let app = spawn_app(|_| {}).await;
+    let text = app.get("/metrics").await.body.as_str().unwrap().to_owned();
+    // Every family, before any request: dashboards and alerts see series from the start.
+    for family in [
+        "chatq_jobs_accepted",
+        "chatq_jobs_completed",
+        "chatq_jobs_failed",
+        "chatq_jobs_retried",
+        "chatq_queue_depth",
+        "chatq_queue_wait_seconds",
+        "chatq_job_duration_seconds",
+        "chatq_upstream_requests",
+        "chatq_upstream_latency_seconds",
+        "chatq_rate_limited_requests",
+        "chatq_validation_rejected_requests",
+        "chatq_http_requests",
+        "chatq_interaction_log_failures",
+        "chatq_store_flushes",
+        "chatq_disk_free_bytes",
+        "chatq_disk_accepting_jobs",
+        "chatq_store_up",
+        "chatq_store_reopens",
+        "chatq_cache_requests",
+        "chatq_cache_entries",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family}:\n{text}"
+        );
+    }
+    // With their known label values at 0.
+    for series in [
+        "chatq_jobs_completed_total{fallback=\"false\"} 0",
+        "chatq_jobs_completed_total{fallback=\"true\"} 0",
+        "chatq_jobs_failed_total{code=\"openai_error\"} 0",
+        "chatq_jobs_failed_total{code=\"missing_prompt\"} 0",
+        "chatq_upstream_requests_total{status=\"200\"} 0",
+        "chatq_upstream_requests_total{status=\"timeout\"} 0",
+        "chatq_queue_depth{state=\"failed\"} 0",
+        "chatq_cache_requests_total{result=\"hit\"} 0",
+        "chatq_jobs_accepted_total 0",
+        "chatq_jobs_retried_total 0",
+        "chatq_rate_limited_requests_total 0",
+        "chatq_cache_entries 0",
+    ] {
+        assert!(text.contains(series), "{series}:\n{text}");
+    }
+    app.stop().await;
+}

@@ -405,3 +405,74 @@ async fn accepted_connections_send_small_writes_at_once() {
     let server_side = server_side.expect("chatq's end of the connection among our descriptors");
     assert!(server_side.nodelay().unwrap(), "TCP_NODELAY is set");
 }
+
+/// Every field OpenAI's published schema (openai/openai-openapi) marks required on a chat
+/// completion, a chunk, a model list and an error: strict typed clients refuse objects
+/// without them.
+#[tokio::test]
+async fn openai_objects_carry_every_field_the_published_schema_requires() {
+    fn has_all(value: &Value, fields: &[&str], what: &str) {
+        for field in fields {
+            assert!(value.get(field).is_some(), "{what} lacks {field}: {value}");
+        }
+    }
+    let upstream = MockUpstream::start().await;
+    let app = spawn_app(|c| c.upstream = Some(upstream.config(Duration::from_secs(5)))).await;
+    let body = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let a = app.post("/v1/chat/completions", &body).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    has_all(
+        &a.body,
+        &["id", "object", "created", "model", "choices"],
+        "chat.completion",
+    );
+    let choice = &a.body["choices"][0];
+    has_all(
+        choice,
+        &["index", "message", "finish_reason", "logprobs"],
+        "choice",
+    );
+    has_all(
+        &choice["message"],
+        &["role", "content", "refusal"],
+        "message",
+    );
+    assert!(choice["message"]["refusal"].is_null());
+    has_all(
+        &a.body["usage"],
+        &["prompt_tokens", "completion_tokens", "total_tokens"],
+        "usage",
+    );
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = sse_events(post_completion(&app, streamed).await).await;
+    for event in events.iter().filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        has_all(
+            &chunk,
+            &["id", "object", "created", "model", "choices"],
+            "chunk",
+        );
+        has_all(
+            &chunk["choices"][0],
+            &["index", "delta", "finish_reason"],
+            "chunk choice",
+        );
+    }
+
+    let models = app.get("/v1/models").await;
+    has_all(&models.body, &["object", "data"], "model list");
+    for model in models.body["data"].as_array().unwrap() {
+        has_all(model, &["id", "object", "created", "owned_by"], "model");
+    }
+    let error = app
+        .post("/v1/chat/completions", &json!({"messages": []}))
+        .await;
+    has_all(
+        &error.body["error"],
+        &["message", "type", "param", "code"],
+        "error",
+    );
+    app.stop().await;
+}
