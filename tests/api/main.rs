@@ -17,5 +17,6 @@ mod limits;
 mod postgres;
 mod python;
 mod python_sdk;
+mod service;
 mod soak;
 mod worker;
