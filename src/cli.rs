@@ -67,6 +67,29 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Export the interaction log as JSON lines (admin).
     Interactions(InteractionsArgs),
+    /// Take a backup of a running server's embedded store into a file (admin).
+    Backup(BackupArgs),
+    /// Restore a backup into a new data directory (then `serve --data-dir` it).
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The file to write; it appears only once the whole backup is in and checked.
+    #[arg(long)]
+    pub to: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A file `chatq backup` wrote.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// An empty (or absent) directory to restore into.
+    #[arg(long)]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -9,7 +9,10 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::cli::{ClientArgs, InteractionsArgs, JobArgs, SubmitArgs, ValidateArgs};
+use crate::cli::{
+    BackupArgs, ClientArgs, InteractionsArgs, JobArgs, RestoreArgs, SubmitArgs, ValidateArgs,
+};
+use crate::store::embedded::backup;
 
 struct Client {
     http: reqwest::Client,
@@ -155,4 +158,68 @@ pub async fn interactions(args: InteractionsArgs) -> anyhow::Result<()> {
             None => return Ok(()),
         }
     }
+}
+
+/// `chatq backup --to FILE`: streams the server's snapshot into `FILE.partial`, checks it
+/// whole (format and checksum), syncs it and only then renames it to `FILE`.
+pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let client = Client::new(&args.client, true)?;
+    // No overall timeout: a large log takes as long as it takes.
+    let http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    let mut request = http.get(format!("{}/v1/backup", client.base));
+    if let Some(token) = &client.token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("could not reach chatq at {}", client.base))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let message = body
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("no error message");
+        bail!("{status}: {message}");
+    }
+    let partial = args.to.with_extension("partial");
+    let mut file = std::fs::File::create(&partial)
+        .with_context(|| format!("could not create {}", partial.display()))?;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.context("the backup was cut short")?;
+        file.write_all(&chunk)
+            .with_context(|| format!("could not write {}", partial.display()))?;
+    }
+    file.sync_all()?;
+    drop(file);
+    let summary = match backup::verify(&partial) {
+        Ok(summary) => summary,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            bail!("the backup is not usable: {e}");
+        }
+    };
+    std::fs::rename(&partial, &args.to)
+        .with_context(|| format!("could not move the backup to {}", args.to.display()))?;
+    print(
+        &json!({"file": args.to, "trees": summary.trees, "entries": summary.entries, "bytes": summary.bytes}),
+    )
+}
+
+/// `chatq restore --from FILE --data-dir DIR`.
+pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
+    let summary = backup::restore(&args.from, &args.data_dir)
+        .map_err(|e| anyhow::anyhow!("{}", crate::store::error_chain(&e)))?;
+    print(&json!({
+        "data_dir": args.data_dir,
+        "trees": summary.trees,
+        "entries": summary.entries,
+        "bytes": summary.bytes,
+        "next": format!("chatq serve --data-dir {}", args.data_dir.display()),
+    }))
 }

@@ -35,6 +35,8 @@ async fn main() -> ExitCode {
         Command::Stats(args) => client::stats(args).await,
         Command::Validate(args) => client::validate(args).await,
         Command::Interactions(args) => client::interactions(args).await,
+        Command::Backup(args) => client::backup(args).await,
+        Command::Restore(args) => client::restore(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -312,3 +312,84 @@ pub async fn usage(
     let data = state.store.usage(&query).await?;
     Ok(Json(UsageReport { group_by, data }))
 }
+
+/// Hands what a blocking writer produces to an async response body, in chunks.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<axum::body::Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+const BACKUP_CHUNK: usize = 256 * 1024;
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= BACKUP_CHUNK {
+            self.flush()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = axum::body::Bytes::from(std::mem::take(&mut self.buf));
+        // The client went away: stop reading the store.
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left"))
+    }
+}
+
+/// `GET /v1/backup`: a snapshot of the embedded store while it serves (see
+/// `store::embedded::backup`), streamed as it is read. `chatq backup --to FILE` calls it and
+/// checks the file before keeping it. A shared store is backed up with `pg_dump` instead.
+pub async fn backup(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    if state.config.store.is_shared() {
+        return Err(ApiError::Conflict {
+            message: "This server's store is PostgreSQL: back it up with pg_dump".to_owned(),
+        });
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let store = std::sync::Arc::clone(&state.store);
+    let errors = tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(BACKUP_CHUNK),
+        };
+        match store.backup(&mut out) {
+            Ok(Some(summary)) => {
+                tracing::info!(
+                    entries = summary.entries,
+                    bytes = summary.bytes,
+                    "backup taken"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "the backup failed");
+                // Cut the body short: the client's check of the file then fails too.
+                let _ = errors.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+        }
+    });
+    let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let filename = format!(
+        "attachment; filename=\"chatq-{}.backup\"",
+        state.clock.now_ms() / 1000
+    );
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_owned(),
+            ),
+            (axum::http::header::CONTENT_DISPOSITION, filename),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}

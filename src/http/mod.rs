@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/interactions", get(admin::interactions))
         .route("/v1/cache", delete(admin::clear_cache))
         .route("/v1/usage", get(admin::usage))
+        .route("/v1/backup", get(admin::backup))
         .route("/v1/guilds", get(guilds::list))
         .route(
             "/v1/guilds/{guild_id}",

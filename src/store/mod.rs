@@ -417,6 +417,18 @@ pub trait Maintenance: Send + Sync {
     async fn prune(&self) -> Result<u64, StoreError>;
     /// Waits until everything written so far is durable.
     async fn sync(&self) -> Result<(), StoreError>;
+    /// Writes a snapshot of everything the store holds to `out` while it keeps serving
+    /// (blocking: run it off the async threads). `None` when the backend is backed up by its
+    /// own tools (PostgreSQL: `pg_dump`).
+    fn backup(&self, out: &mut dyn std::io::Write) -> Result<Option<BackupSummary>, StoreError>;
+}
+
+/// What a backup or a restore moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BackupSummary {
+    pub trees: u64,
+    pub entries: u64,
+    pub bytes: u64,
 }
 
 /// What the store can say about itself.

@@ -5,6 +5,7 @@ mod helpers;
 mod hostile;
 
 mod admin;
+mod backup;
 mod browser;
 mod cache;
 mod chaos;

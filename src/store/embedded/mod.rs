@@ -9,6 +9,7 @@
 //! sled's types stay in this directory: its errors become [`StoreError::Backend`] here, and
 //! [`is_disk_failure`] reads them back out for the reopen logic.
 
+pub mod backup;
 pub mod codec;
 mod flusher;
 mod queue;

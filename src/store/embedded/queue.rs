@@ -1301,6 +1301,13 @@ impl Maintenance for SledQueue {
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(self.flusher.flush().await?)
     }
+
+    fn backup(
+        &self,
+        out: &mut dyn std::io::Write,
+    ) -> Result<Option<crate::store::BackupSummary>, StoreError> {
+        super::backup::write(&self.db, out).map(Some)
+    }
 }
 
 #[async_trait]

@@ -476,6 +476,13 @@ impl Maintenance for ResilientQueue {
         let queue = self.queue()?;
         self.watch(queue.sync().await)
     }
+
+    fn backup(
+        &self,
+        out: &mut dyn std::io::Write,
+    ) -> Result<Option<crate::store::BackupSummary>, StoreError> {
+        self.queue()?.backup(out)
+    }
 }
 
 #[async_trait]

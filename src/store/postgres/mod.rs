@@ -1500,6 +1500,15 @@ impl Maintenance for PgStore {
         // Every acknowledged write was a commit; nothing is buffered here.
         Ok(())
     }
+
+    fn backup(
+        &self,
+        _out: &mut dyn std::io::Write,
+    ) -> Result<Option<crate::store::BackupSummary>, StoreError> {
+        // The database is backed up by PostgreSQL's own tools (`pg_dump`), which know how to
+        // take a consistent snapshot of a live database.
+        Ok(None)
+    }
 }
 
 #[async_trait]
