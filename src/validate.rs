@@ -51,7 +51,7 @@ impl ValidationError {
 }
 
 /// A message that passed validation: content trimmed, with the time it was checked.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ValidatedMessage {
     pub role: Role,
     pub content: String,
@@ -60,7 +60,7 @@ pub struct ValidatedMessage {
 }
 
 /// One message's outcome in a bulk validation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BulkItem {
     pub index: usize,
     pub success: bool,
@@ -70,14 +70,14 @@ pub struct BulkItem {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct BulkSummary {
     pub total: usize,
     pub success: usize,
     pub errors: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BulkOutcome {
     /// True only if every message passed.
     pub success: bool,

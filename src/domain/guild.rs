@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::Millis;
 
 /// A guild's own rate limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RateLimitSetting {
     /// Requests per user per window.
     pub limit: u32,
@@ -15,7 +15,7 @@ pub struct RateLimitSetting {
 
 /// What an admin set for one guild. Every field is optional: unset, the server's flag applies.
 /// (Plain fields, no `skip_serializing_if`: the embedded store encodes them positionally.)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GuildSettings {
     /// The personality a request that names none gets.
     pub personality: Option<String>,
@@ -55,7 +55,7 @@ pub struct Turn {
 }
 
 /// How `/v1/usage` groups the interaction log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum GroupBy {
     User,
@@ -79,7 +79,7 @@ pub struct UsageQuery {
 }
 
 /// The totals of one group.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageRow {
     /// The user id, guild id, day or hour of the group.
     pub key: String,

@@ -13,7 +13,7 @@ use crate::domain::job::Usage;
 /// The guild id recorded for interactions outside any guild.
 pub const GLOBAL_GUILD: &str = "global";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     ChatBotInteraction,
@@ -48,8 +48,9 @@ pub struct Interaction {
 
 /// Where a page of the log ends: opaque outside the store that made it. A client passes back
 /// the text it was given; a store that cannot read it answers `StoreError::InvalidCursor`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(transparent)]
+#[schema(value_type = String)]
 pub struct Cursor(String);
 
 impl Cursor {

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::clock::Millis;
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// In the ready queue, waiting for a worker.
@@ -57,7 +57,7 @@ impl JobState {
 }
 
 /// Who wrote a message in a conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
@@ -108,7 +108,7 @@ pub struct ChatRequest {
 
 /// Token usage of one reply, as chatq records it (the upstream's wire type is separate, in
 /// `bot::upstream`, so a new field there changes no stored layout).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -134,7 +134,7 @@ pub struct JobResult {
 }
 
 /// Why an attempt (or the whole job) failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     /// Machine-readable code, such as `openai_error` or `missing_prompt`.
     pub code: String,
@@ -246,7 +246,7 @@ impl NewJob {
 }
 
 /// Counts of jobs per state, under the states' own names.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueCounts {
     pub queued: u64,
     pub active: u64,

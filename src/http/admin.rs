@@ -11,7 +11,7 @@ use crate::domain::{
     Action, Cursor, GroupBy, Interaction, LogQuery, QueueCounts, Usage, UsageQuery, UsageRow,
 };
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Stats {
     /// Jobs per state, under the states' names (`queued` as on a job).
     #[serde(flatten)]
@@ -31,7 +31,7 @@ pub struct Stats {
 }
 
 /// The response cache, on the stats page.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CacheStats {
     /// `--cache-ttl-secs` (0: off, unless a guild turns it on).
     pub ttl_secs: u64,
@@ -40,7 +40,7 @@ pub struct CacheStats {
 }
 
 /// The data directory's disk, as the store sees it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Disk {
     /// Free bytes at the last measurement (`null` if it could not be measured).
     pub free_bytes: Option<u64>,
@@ -53,6 +53,12 @@ pub struct Disk {
 }
 
 /// `GET /v1/queue/stats`
+#[utoipa::path(get, path = "/v1/queue/stats", tag = "admin", security((), ("bearer" = [])),
+    responses((status = 200, body = Stats), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
     let counts = state.store.counts().await?;
     let status = state.store.status().await?;
@@ -85,12 +91,18 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiErro
     }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Paused {
     pub paused: bool,
 }
 
 /// `POST /v1/queue/pause`
+#[utoipa::path(post, path = "/v1/queue/pause", tag = "admin", security((), ("bearer" = [])),
+    responses((status = 200, body = Paused), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn pause(State(state): State<AppState>) -> Result<Json<Paused>, ApiError> {
     state.store.set_paused(true).await?;
     tracing::info!("queue paused");
@@ -98,13 +110,20 @@ pub async fn pause(State(state): State<AppState>) -> Result<Json<Paused>, ApiErr
 }
 
 /// `POST /v1/queue/resume`
+#[utoipa::path(post, path = "/v1/queue/resume", tag = "admin", security((), ("bearer" = [])),
+    responses((status = 200, body = Paused), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn resume(State(state): State<AppState>) -> Result<Json<Paused>, ApiError> {
     state.store.set_paused(false).await?;
     tracing::info!("queue resumed");
     Ok(Json(Paused { paused: false }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct InteractionsQuery {
     user_id: Option<String>,
     guild_id: Option<String>,
@@ -115,7 +134,7 @@ pub struct InteractionsQuery {
     limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct InteractionPage {
     pub data: Vec<InteractionView>,
     pub next_cursor: Option<Cursor>,
@@ -123,7 +142,7 @@ pub struct InteractionPage {
 
 /// An interaction-log entry as the API shows it: times in RFC 3339 like the job views, with
 /// the millisecond value kept for sorting and export.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct InteractionView {
     /// The entry's cursor.
     pub id: String,
@@ -192,6 +211,13 @@ pub fn parse_time(param: &str, value: &str) -> Result<u64, ApiError> {
 }
 
 /// `GET /v1/interactions?user_id=&guild_id=&since=&until=&cursor=&limit=`
+#[utoipa::path(get, path = "/v1/interactions", tag = "admin", security((), ("bearer" = [])), params(InteractionsQuery),
+    responses((status = 200, body = InteractionPage), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn interactions(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<InteractionsQuery>,
@@ -224,19 +250,27 @@ pub async fn interactions(
     }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CacheQuery {
     guild_id: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CacheCleared {
     pub removed: u64,
 }
 
 /// `DELETE /v1/cache?guild_id=`: forgets every cached reply, or one guild's (`global` names
 /// the replies to requests outside any guild).
+#[utoipa::path(delete, path = "/v1/cache", tag = "admin", security((), ("bearer" = [])), params(CacheQuery),
+    responses((status = 200, body = CacheCleared), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn clear_cache(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<CacheQuery>,
@@ -254,7 +288,8 @@ pub async fn clear_cache(
     Ok(Json(CacheCleared { removed }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageParams {
     guild_id: Option<String>,
@@ -264,7 +299,7 @@ pub struct UsageParams {
     group_by: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageReport {
     pub group_by: GroupBy,
     pub data: Vec<UsageRow>,
@@ -272,6 +307,13 @@ pub struct UsageReport {
 
 /// `GET /v1/usage?guild_id=&user_id=&since=&until=&group_by=user|guild|day|hour`: totals
 /// from the interaction log (never from per-user metric labels), one row per group, by key.
+#[utoipa::path(get, path = "/v1/usage", tag = "admin", security((), ("bearer" = [])), params(UsageParams),
+    responses((status = 200, body = UsageReport), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn usage(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<UsageParams>,
@@ -345,6 +387,14 @@ impl std::io::Write for ChannelWriter {
 /// `GET /v1/backup`: a snapshot of the embedded store while it serves (see
 /// `store::embedded::backup`), streamed as it is read. `chatq backup --to FILE` calls it and
 /// checks the file before keeping it. A shared store is backed up with `pg_dump` instead.
+#[utoipa::path(get, path = "/v1/backup", tag = "admin", security((), ("bearer" = [])),
+    responses((status = 200, description = "The snapshot (see `chatq backup`)", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 409, description = "The state does not allow it", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn backup(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     if state.config.store.is_shared() {

@@ -34,7 +34,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -42,13 +42,13 @@ use super::error::{ApiError, ApiJson};
 use super::jobs;
 use super::state::AppState;
 use super::submission::{self, Content, SubmitRequest, check_id};
-use crate::domain::{GuildSettings, Job, JobResult, JobState, NewJob};
+use crate::domain::{GuildSettings, Job, JobResult, JobState, NewJob, Usage};
 use crate::signals::{StreamRegistration, Subscription};
 
 /// Prefix of the model aliases that select a personality.
 pub const ALIAS_PREFIX: &str = "chatq-";
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CompletionBody {
     #[serde(default)]
     model: Option<String>,
@@ -175,6 +175,22 @@ fn too_long(id: Uuid) -> ApiError {
 }
 
 /// `POST /v1/chat/completions`
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "completions", request_body = CompletionBody, security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A chat.completion, or with `stream: true` server-sent chat.completion.chunk events ending with `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+        (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 409, description = "The state does not allow it", body = crate::http::error::ErrorBody),
+        (status = 413, description = "Body over the limit", body = crate::http::error::ErrorBody),
+        (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
+        (status = 422, description = "A content rule or setting refused", body = crate::http::error::ErrorBody),
+        (status = 429, description = "Rate limited or quota used up (Retry-After)", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -246,36 +262,119 @@ fn completion(job: &Job, label: Option<String>) -> Response {
         };
         return with_job_header(error.into_response(), id);
     };
-    let usage = result.usage.map(|u| {
-        json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
-    });
-    let body = json!({
-        "id": completion_id(id),
-        "object": "chat.completion",
-        "created": result.processed_at / 1000,
-        "model": label.unwrap_or_else(|| result.model.clone()),
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": result.reply, "refusal": null},
-            "finish_reason": "stop",
-            "logprobs": null
+    let body = ChatCompletion {
+        id: completion_id(id),
+        object: "chat.completion",
+        created: result.processed_at / 1000,
+        model: label.unwrap_or_else(|| result.model.clone()),
+        choices: vec![CompletionChoice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content: result.reply.clone(),
+                refusal: None,
+            },
+            finish_reason: "stop",
+            logprobs: None,
         }],
-        "usage": usage,
-        "system_fingerprint": null,
-        "chatq": {"job_id": id, "used_fallback": result.used_fallback, "cached": result.cached}
-    });
+        usage: result.usage,
+        system_fingerprint: None,
+        chatq: ChatqExtras {
+            job_id: id,
+            used_fallback: result.used_fallback,
+            cached: result.cached,
+        },
+    };
     with_job_header(Json(body).into_response(), id)
 }
 
-fn chunk(id: Uuid, created: u64, model: &str, delta: Value, finish: Option<&str>) -> Event {
-    let body = json!({
-        "id": completion_id(id),
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]
-    });
-    Event::default().data(body.to_string())
+/// A `chat.completion`, with every field OpenAI's published schema requires.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatCompletion {
+    id: String,
+    /// `chat.completion`
+    object: &'static str,
+    /// Unix seconds.
+    created: u64,
+    model: String,
+    choices: Vec<CompletionChoice>,
+    /// `null` for a fallback reply (no upstream call).
+    usage: Option<Usage>,
+    system_fingerprint: Option<String>,
+    /// chatq's own: the job behind the answer.
+    chatq: ChatqExtras,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CompletionChoice {
+    index: u32,
+    message: AssistantMessage,
+    /// `stop`
+    finish_reason: &'static str,
+    logprobs: Option<Value>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AssistantMessage {
+    /// `assistant`
+    role: &'static str,
+    content: String,
+    /// Always `null`: chatq's replies are not refusals in OpenAI's sense.
+    refusal: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatqExtras {
+    job_id: Uuid,
+    used_fallback: bool,
+    cached: bool,
+}
+
+/// One `chat.completion.chunk` event of a streamed reply (the stream ends with
+/// `data: [DONE]`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatCompletionChunk {
+    id: String,
+    /// `chat.completion.chunk`
+    object: &'static str,
+    created: u64,
+    model: String,
+    choices: Vec<ChunkChoice>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChunkChoice {
+    index: u32,
+    delta: Delta,
+    /// `stop` on the last chunk, `null` before.
+    finish_reason: Option<&'static str>,
+    logprobs: Option<Value>,
+}
+
+/// What a chunk adds: the role (first chunk), a piece of content, or nothing (last chunk).
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
+}
+
+fn chunk(id: Uuid, created: u64, model: &str, delta: Delta, finish: Option<&'static str>) -> Event {
+    let body = ChatCompletionChunk {
+        id: completion_id(id),
+        object: "chat.completion.chunk",
+        created,
+        model: model.to_owned(),
+        choices: vec![ChunkChoice {
+            index: 0,
+            delta,
+            finish_reason: finish,
+            logprobs: None,
+        }],
+    };
+    // Serialising plain structs of strings and numbers cannot fail.
+    Event::default().data(serde_json::to_string(&body).unwrap_or_default())
 }
 
 fn error_event(error: &ApiError) -> Event {
@@ -317,7 +416,11 @@ impl Relay {
         match self.phase {
             Phase::Opening => {
                 self.phase = Phase::Relaying;
-                Some(self.chunk(json!({"role": "assistant", "content": ""}), None))
+                let opening = Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                };
+                Some(self.chunk(opening, None))
             }
             Phase::Relaying => {
                 if let Some(job) = self.done.take() {
@@ -350,13 +453,17 @@ impl Relay {
         }
     }
 
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Event {
+    fn chunk(&self, delta: Delta, finish: Option<&'static str>) -> Event {
         chunk(self.id, self.created, &self.model, delta, finish)
     }
 
     fn delta(&mut self, delta: String) -> Event {
         self.sent.push_str(&delta);
-        self.chunk(json!({"content": delta}), None)
+        let content = Delta {
+            content: Some(delta),
+            ..Delta::default()
+        };
+        self.chunk(content, None)
     }
 
     /// Queues what is left to say: deltas still buffered, the rest of the reply, the final
@@ -379,10 +486,14 @@ impl Relay {
                     .strip_prefix(self.sent.as_str())
                     .filter(|r| !r.is_empty())
                 {
-                    let event = self.chunk(json!({"content": rest}), None);
+                    let rest = Delta {
+                        content: Some(rest.to_owned()),
+                        ..Delta::default()
+                    };
+                    let event = self.chunk(rest, None);
                     self.closing.push_back(event);
                 }
-                self.chunk(json!({}), Some("stop"))
+                self.chunk(Delta::default(), Some("stop"))
             }
             Ok(Some(job)) if job.state.is_terminal() => error_event(&job_failure(&job)),
             Ok(_) => error_event(&too_long(self.id)),
@@ -452,9 +563,45 @@ async fn stream_reply(
     Ok(with_job_header(response, id))
 }
 
+/// The model list, as OpenAI's `GET /v1/models` answers it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    /// `list`
+    object: &'static str,
+    data: Vec<Model>,
+    chatq: ModelsExtras,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Model {
+    id: String,
+    /// `model`
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    description: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelsExtras {
+    /// `openai` or `fallback` (offline).
+    upstream: &'static str,
+}
+
 /// `GET /v1/models`: the configured model and one alias per personality.
-pub async fn models(State(state): State<AppState>) -> Json<Value> {
-    let model = |id: String, description: String| json!({"id": id, "object": "model", "created": 0, "owned_by": "chatq", "description": description});
+#[utoipa::path(get, path = "/v1/models", tag = "completions", security((), ("bearer" = [])),
+    responses((status = 200, body = ModelList), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody)))]
+pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    let model = |id: String, description: String| Model {
+        id,
+        object: "model",
+        created: 0,
+        owned_by: "chatq",
+        description,
+    };
     let mut data = vec![model(
         state.bot.model().to_owned(),
         "The configured model with the default personality".to_owned(),
@@ -470,5 +617,9 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
     } else {
         "fallback"
     };
-    Json(json!({"object": "list", "data": data, "chatq": {"upstream": upstream}}))
+    Json(ModelList {
+        object: "list",
+        data,
+        chatq: ModelsExtras { upstream },
+    })
 }

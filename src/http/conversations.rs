@@ -13,7 +13,8 @@ use super::submission::check_id;
 use crate::domain::GLOBAL_GUILD;
 use crate::store::MAX_TURNS;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ConversationQuery {
     guild_id: Option<String>,
@@ -32,7 +33,7 @@ impl ConversationQuery {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TurnView {
     pub job_id: uuid::Uuid,
     pub user_id: String,
@@ -41,7 +42,7 @@ pub struct TurnView {
     pub at: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ConversationView {
     pub conversation_id: String,
     pub guild_id: String,
@@ -50,6 +51,14 @@ pub struct ConversationView {
 }
 
 /// `GET /v1/conversations/{id}?guild_id=`
+#[utoipa::path(get, path = "/v1/conversations/{id}", tag = "conversations", security((), ("bearer" = [])),
+    params(("id" = String, Path, description = "The conversation id"), ConversationQuery),
+    responses((status = 200, body = ConversationView), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -74,13 +83,21 @@ pub async fn get(
     }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Forgotten {
     pub removed: u64,
 }
 
 /// `DELETE /v1/conversations/{id}?guild_id=`: no later prompt sees these turns (the
 /// interaction log keeps its own retention).
+#[utoipa::path(delete, path = "/v1/conversations/{id}", tag = "conversations", security((), ("bearer" = [])),
+    params(("id" = String, Path, description = "The conversation id"), ConversationQuery),
+    responses((status = 200, body = Forgotten), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn forget(
     State(state): State<AppState>,
     Path(id): Path<String>,

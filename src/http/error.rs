@@ -57,13 +57,19 @@ pub enum ApiError {
     StoreUnreachable,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// Every error the API answers: `{"error": {"message", "type", "code", "param"}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct Body<'a> {
     error: Detail<'a>,
 }
 
+/// The error body, for the API document.
+pub type ErrorBody = Body<'static>;
+
 /// The inner `{"message", "type", "code", "param"}` object.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorDetail)]
 pub struct Detail<'a> {
     message: String,
     #[serde(rename = "type")]

@@ -25,7 +25,7 @@ pub const MAX_HISTORY_TURNS: u64 = 50;
 const MAX_MODEL_CHARS: usize = 128;
 
 /// A guild as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct GuildView {
     pub guild_id: String,
     pub settings: GuildSettings,
@@ -42,7 +42,7 @@ impl From<Guild> for GuildView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct GuildList {
     pub data: Vec<GuildView>,
 }
@@ -224,6 +224,12 @@ fn guild_not_found(guild_id: &str) -> ApiError {
 }
 
 /// `GET /v1/guilds`
+#[utoipa::path(get, path = "/v1/guilds", tag = "guilds", security((), ("bearer" = [])),
+    responses((status = 200, body = GuildList), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<GuildList>, ApiError> {
     let guilds = state.store.guilds().await?;
     Ok(Json(GuildList {
@@ -232,6 +238,15 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<GuildList>, ApiE
 }
 
 /// `GET /v1/guilds/{guild_id}`
+#[utoipa::path(get, path = "/v1/guilds/{guild_id}", tag = "guilds", security((), ("bearer" = [])),
+    params(("guild_id" = String, Path, description = "The guild id")),
+    responses((status = 200, body = GuildView), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
     Path(guild_id): Path<String>,
@@ -246,6 +261,17 @@ pub async fn get(
 }
 
 /// `PUT /v1/guilds/{guild_id}`
+#[utoipa::path(put, path = "/v1/guilds/{guild_id}", tag = "guilds", security((), ("bearer" = [])),
+    params(("guild_id" = String, Path, description = "The guild id")), request_body = GuildSettings,
+    responses((status = 200, body = GuildView), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 413, description = "Body over the limit", body = crate::http::error::ErrorBody),
+        (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
+        (status = 422, description = "A content rule or setting refused", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn put(
     State(state): State<AppState>,
     Path(guild_id): Path<String>,
@@ -265,12 +291,21 @@ pub async fn put(
     Ok(Json(guild.into()))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Deleted {
     pub deleted: bool,
 }
 
 /// `DELETE /v1/guilds/{guild_id}`
+#[utoipa::path(delete, path = "/v1/guilds/{guild_id}", tag = "guilds", security((), ("bearer" = [])),
+    params(("guild_id" = String, Path, description = "The guild id")),
+    responses((status = 200, body = Deleted), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     Path(guild_id): Path<String>,

@@ -26,7 +26,7 @@ use crate::store::Pushed;
 pub const MAX_WAIT_SECS: u64 = 60;
 
 /// A chat job submission.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
     pub user_id: String,
@@ -178,7 +178,7 @@ pub async fn push(
 }
 
 /// A job as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: Uuid,
     pub status: JobState,
@@ -199,7 +199,7 @@ pub struct JobView {
     pub error: Option<JobError>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResultView {
     pub reply: String,
     pub used_fallback: bool,
@@ -252,8 +252,8 @@ impl From<&Job> for JobView {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct Accepted {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Accepted {
     id: Uuid,
     status: JobState,
     /// False when an idempotency key matched an earlier job, which is returned instead.
@@ -261,6 +261,20 @@ struct Accepted {
 }
 
 /// `POST /v1/chat/jobs`
+#[utoipa::path(post, path = "/v1/chat/jobs", tag = "jobs", request_body = SubmitBody, security((), ("bearer" = [])),
+    responses(
+        (status = 202, description = "Accepted (or answered from the cache: `status` completed)", body = Accepted),
+        (status = 200, description = "The same idempotency key: the first job", body = Accepted),
+        (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 413, description = "Body over the limit", body = crate::http::error::ErrorBody),
+        (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
+        (status = 422, description = "A content rule or setting refused", body = crate::http::error::ErrorBody),
+        (status = 429, description = "Rate limited or quota used up (Retry-After)", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -320,8 +334,10 @@ pub fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::job_not_found())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
+    /// Hold the request up to this many seconds (at most 60) until the job is finished.
     #[serde(default)]
     wait: Option<u64>,
 }
@@ -381,6 +397,15 @@ pub async fn wait_for_job(state: &AppState, id: Uuid, wait_secs: u64) -> Result<
 }
 
 /// `GET /v1/chat/jobs/{id}?wait=N`
+#[utoipa::path(get, path = "/v1/chat/jobs/{id}", tag = "jobs", security((), ("bearer" = [])),
+    params(("id" = String, Path, description = "The job id"), WaitQuery),
+    responses((status = 200, body = JobView), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -392,6 +417,15 @@ pub async fn get_job(
 }
 
 /// `DELETE /v1/chat/jobs/{id}`
+#[utoipa::path(delete, path = "/v1/chat/jobs/{id}", tag = "jobs", security((), ("bearer" = [])),
+    params(("id" = String, Path, description = "The job id")),
+    responses((status = 200, body = JobView), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 409, description = "The state does not allow it", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -402,6 +436,15 @@ pub async fn cancel_job(
 }
 
 /// `POST /v1/chat/jobs/{id}/retry` (admin)
+#[utoipa::path(post, path = "/v1/chat/jobs/{id}/retry", tag = "admin", security((), ("bearer" = [])),
+    params(("id" = String, Path, description = "The job id")),
+    responses((status = 200, body = JobView), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 409, description = "The state does not allow it", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn retry_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -411,19 +454,27 @@ pub async fn retry_job(
     Ok(Json(JobView::from(&job)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     state: JobState,
     #[serde(default)]
     limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobList {
     data: Vec<JobView>,
 }
 
 /// `GET /v1/chat/jobs?state=failed&limit=20` (admin)
+#[utoipa::path(get, path = "/v1/jobs", tag = "admin", security((), ("bearer" = [])), params(ListQuery),
+    responses((status = 200, body = JobList), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
+        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
+        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
 pub async fn list_jobs(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,

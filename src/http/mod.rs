@@ -18,18 +18,22 @@ mod pages;
 mod state;
 pub mod submission;
 
-use axum::Router;
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::{Extension, Router};
 use tower::ServiceBuilder;
 use tower::limit::ConcurrencyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 pub use jobs::{JobView, MAX_WAIT_SECS};
@@ -37,62 +41,93 @@ pub use state::{AppState, Shared};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Builds the router over `state`.
-pub fn router(state: AppState) -> Router {
-    let client = Router::new()
-        .route("/v1/chat/jobs", post(jobs::submit))
-        .route(
-            "/v1/chat/jobs/{id}",
-            get(jobs::get_job).delete(jobs::cancel_job),
-        )
-        .route("/v1/messages/validate", post(messages::validate_one))
-        .route("/v1/messages/validate/bulk", post(messages::validate_bulk))
-        .route("/api/chat/bot", post(legacy::submit))
-        .route("/api/chat/jobs/{id}", get(legacy::get_job))
-        .route("/v1/chat/completions", post(completions::chat_completions))
-        .route("/v1/models", get(completions::models))
-        .route(
-            "/v1/conversations/{id}",
-            get(conversations::get).delete(conversations::forget),
-        )
+/// The API document's top: title, version, the bearer scheme.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "chatq",
+        description = "A chat bot backend: a durable job queue, an OpenAI-compatible route, guilds, conversations and a response cache. Every error is `{\"error\": {\"message\", \"type\", \"code\", \"param\"}}`."
+    ),
+    modifiers(&BearerAuth),
+    components(schemas(error::ErrorBody))
+)]
+struct ApiDoc;
+
+/// Adds the bearer scheme the client and admin routes take (`--api-token`, `--admin-token`).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every route, with its part of the API document: a route exists only through `routes!`,
+/// so the router and the document cannot disagree (`tests/api/openapi.rs` checks both ways).
+fn api(state: &AppState) -> OpenApiRouter<AppState> {
+    let client = OpenApiRouter::new()
+        .routes(routes!(jobs::submit))
+        .routes(routes!(jobs::get_job, jobs::cancel_job))
+        .routes(routes!(messages::validate_one))
+        .routes(routes!(messages::validate_bulk))
+        .routes(routes!(legacy::submit))
+        .routes(routes!(legacy::get_job))
+        .routes(routes!(completions::chat_completions))
+        .routes(routes!(completions::models))
+        .routes(routes!(conversations::get, conversations::forget))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_client,
         ));
-    let admin = Router::new()
-        .route("/v1/chat/jobs/{id}/retry", post(jobs::retry_job))
-        .route("/v1/jobs", get(jobs::list_jobs))
-        .route("/v1/queue/stats", get(admin::stats))
-        .route("/v1/queue/pause", post(admin::pause))
-        .route("/v1/queue/resume", post(admin::resume))
-        .route("/v1/interactions", get(admin::interactions))
-        .route("/v1/cache", delete(admin::clear_cache))
-        .route("/v1/usage", get(admin::usage))
-        .route("/v1/backup", get(admin::backup))
-        .route("/v1/guilds", get(guilds::list))
-        .route(
-            "/v1/guilds/{guild_id}",
-            get(guilds::get).put(guilds::put).delete(guilds::delete),
-        )
+    let admin = OpenApiRouter::new()
+        .routes(routes!(jobs::retry_job))
+        .routes(routes!(jobs::list_jobs))
+        .routes(routes!(admin::stats))
+        .routes(routes!(admin::pause))
+        .routes(routes!(admin::resume))
+        .routes(routes!(admin::interactions))
+        .routes(routes!(admin::clear_cache))
+        .routes(routes!(admin::usage))
+        .routes(routes!(admin::backup))
+        .routes(routes!(guilds::list))
+        .routes(routes!(guilds::get, guilds::put, guilds::delete))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,
         ));
-    let open = Router::new()
-        .route("/", get(pages::chat_page))
-        .route("/admin", get(pages::admin_page))
-        .route("/assets/{file}", get(pages::asset_file))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
-    let timeout = state.config.request_timeout;
-    let concurrency = state.config.max_concurrent_requests;
-    let body_limit = state.config.body_limit;
-    Router::new()
+    let open = OpenApiRouter::new()
+        .routes(routes!(pages::chat_page))
+        .routes(routes!(pages::admin_page))
+        .routes(routes!(pages::asset_file))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json));
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(client)
         .merge(admin)
         .merge(open)
+}
+
+/// Builds the router over `state`.
+pub fn router(state: AppState) -> Router {
+    let (routes, document) = api(&state).split_for_parts();
+    // Rendered once: the document does not change while the server runs.
+    let document: Arc<str> = document
+        .to_pretty_json()
+        .unwrap_or_else(|_| "{}".to_owned())
+        .into();
+    let timeout = state.config.request_timeout;
+    let concurrency = state.config.max_concurrent_requests;
+    let body_limit = state.config.body_limit;
+    routes
         .fallback(not_found)
+        .layer(Extension(OpenApiDocument(document)))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
@@ -111,6 +146,22 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(body_limit)),
         )
         .with_state(state)
+}
+
+/// The rendered API document, shared by the `/openapi.json` handler.
+#[derive(Clone)]
+struct OpenApiDocument(Arc<str>);
+
+/// `GET /openapi.json`: this API's OpenAPI 3.1 document, generated from the handlers' own
+/// request and response types.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)))]
+async fn openapi_json(Extension(document): Extension<OpenApiDocument>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document.0.to_string(),
+    )
+        .into_response()
 }
 
 fn make_span(request: &Request<Body>) -> tracing::Span {
@@ -182,10 +233,18 @@ async fn not_found() -> ApiError {
     }
 }
 
+/// `GET /healthz`: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "ok", content_type = "text/plain", body = String)))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
+/// `GET /readyz`: the store answers and takes new jobs, and the workers run.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "ready", content_type = "text/plain", body = String),
+        (status = 503, description = "Not ready, and why", body = error::ErrorBody)))]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     if !state.is_ready() {
         return Err(ApiError::Unavailable {
@@ -198,6 +257,9 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
     Ok("ready")
 }
 
+/// `GET /metrics`: Prometheus metrics, all `chatq_*`.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let body = state.metrics.render(state.store.as_ref()).await;
     (

@@ -32,6 +32,8 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// `GET /`
+#[utoipa::path(get, path = "/", tag = "pages",
+    responses((status = 200, description = "The chat page", content_type = "text/html", body = String)))]
 pub async fn chat_page() -> Response {
     asset(
         "text/html; charset=utf-8",
@@ -40,6 +42,8 @@ pub async fn chat_page() -> Response {
 }
 
 /// `GET /admin`
+#[utoipa::path(get, path = "/admin", tag = "pages",
+    responses((status = 200, description = "The admin dashboard", content_type = "text/html", body = String)))]
 pub async fn admin_page() -> Response {
     asset(
         "text/html; charset=utf-8",
@@ -48,6 +52,12 @@ pub async fn admin_page() -> Response {
 }
 
 /// `GET /assets/{file}`
+#[utoipa::path(get, path = "/assets/{file}", tag = "pages",
+    params(("file" = String, Path, description = "style.css, chat.js, admin.js or icon.svg")),
+    responses(
+        (status = 200, description = "The asset",
+            content((String = "text/css"), (String = "text/javascript"), (String = "image/svg+xml"))),
+        (status = 404, description = "No such asset", body = crate::http::error::ErrorBody)))]
 pub async fn asset_file(Path(file): Path<String>) -> Result<Response, ApiError> {
     let (content_type, body) = match file.as_str() {
         "style.css" => (

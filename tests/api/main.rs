@@ -15,6 +15,7 @@ mod disk;
 mod guilds;
 mod jobs;
 mod limits;
+mod openapi;
 mod postgres;
 mod python;
 mod python_sdk;
