@@ -210,6 +210,17 @@ pub fn parse_time(param: &str, value: &str) -> Result<u64, ApiError> {
         })
 }
 
+/// The `since` and `until` query parameters, each RFC 3339 or milliseconds.
+fn time_range(
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<(Option<u64>, Option<u64>), ApiError> {
+    Ok((
+        since.map(|v| parse_time("since", v)).transpose()?,
+        until.map(|v| parse_time("until", v)).transpose()?,
+    ))
+}
+
 /// `GET /v1/interactions?user_id=&guild_id=&since=&until=&cursor=&limit=`
 #[utoipa::path(get, path = "/v1/interactions", tag = "admin", security((), ("bearer" = [])), params(InteractionsQuery),
     responses((status = 200, body = InteractionPage), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
@@ -222,19 +233,12 @@ pub async fn interactions(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<InteractionsQuery>,
 ) -> Result<Json<InteractionPage>, ApiError> {
+    let (since, until) = time_range(q.since.as_deref(), q.until.as_deref())?;
     let query = LogQuery {
         user_id: q.user_id.filter(|s| !s.is_empty()),
         guild_id: q.guild_id.filter(|s| !s.is_empty()),
-        since: q
-            .since
-            .as_deref()
-            .map(|v| parse_time("since", v))
-            .transpose()?,
-        until: q
-            .until
-            .as_deref()
-            .map(|v| parse_time("until", v))
-            .transpose()?,
+        since,
+        until,
         cursor: q.cursor.map(Cursor::from_client),
         limit: q.limit.unwrap_or(50).clamp(1, MAX_PAGE),
     };
@@ -336,19 +340,12 @@ pub async fn usage(
             super::submission::check_id(param, id)?;
         }
     }
+    let (since, until) = time_range(q.since.as_deref(), q.until.as_deref())?;
     let query = UsageQuery {
         guild_id: q.guild_id,
         user_id: q.user_id,
-        since: q
-            .since
-            .as_deref()
-            .map(|v| parse_time("since", v))
-            .transpose()?,
-        until: q
-            .until
-            .as_deref()
-            .map(|v| parse_time("until", v))
-            .transpose()?,
+        since,
+        until,
         group_by,
     };
     let data = state.store.usage(&query).await?;
