@@ -108,6 +108,12 @@ impl App {
         let mut background = JoinSet::new();
         background.spawn(prune_store(state.clone(), shutdown.clone()));
         background.spawn(prune_limiter(state.clone(), shutdown.clone()));
+        // Every process sends deliveries (a claim leases each to one); without Discord
+        // configured, a Discord delivery waits and is given up when its token expires.
+        background.spawn(crate::discord::deliver::run(
+            state.clone(),
+            shutdown.clone(),
+        ));
         Ok(Self {
             state,
             pool,

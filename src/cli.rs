@@ -186,6 +186,19 @@ pub struct ServeArgs {
     /// Drop interaction-log entries older than this many days (default: keep).
     #[arg(long, env = "CHATQ_LOG_MAX_AGE_DAYS")]
     pub log_max_age_days: Option<u64>,
+    /// The Discord application's public key (hex, from the Developer Portal): turns on
+    /// `POST /discord/interactions`.
+    #[arg(long, env = "CHATQ_DISCORD_PUBLIC_KEY")]
+    pub discord_public_key: Option<String>,
+    /// The Discord application id.
+    #[arg(long, env = "CHATQ_DISCORD_APPLICATION_ID")]
+    pub discord_application_id: Option<String>,
+    /// The Discord bot token (for `chatq discord register`).
+    #[arg(long, env = "CHATQ_DISCORD_BOT_TOKEN", hide_env_values = true)]
+    pub discord_bot_token: Option<String>,
+    /// Discord's API.
+    #[arg(long, env = "CHATQ_DISCORD_API_BASE", default_value = defaults::DISCORD_API_BASE)]
+    pub discord_api_base: String,
     /// Conversation turns older than this many days are forgotten.
     #[arg(long, env = "CHATQ_CONVERSATION_MAX_AGE_DAYS", default_value_t = defaults::CONVERSATION_MAX_AGE_DAYS, value_parser = clap::value_parser!(u64).range(1..=3_650))]
     pub conversation_max_age_days: u64,

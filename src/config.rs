@@ -86,6 +86,18 @@ pub struct Config {
     pub refuse_client_system: bool,
     /// How long replies stay in the response cache; zero: off.
     pub cache_ttl: Duration,
+    /// Discord's HTTP interactions, when a public key is set.
+    pub discord: Option<DiscordConfig>,
+}
+
+/// What `POST /discord/interactions` needs.
+#[derive(Debug, Clone)]
+pub struct DiscordConfig {
+    pub public_key: crate::discord::verify::PublicKey,
+    pub application_id: String,
+    pub bot_token: Option<Secret>,
+    /// Discord's API, without a trailing slash (tests point it at a fake).
+    pub api_base: String,
 }
 
 fn token(flag: &'static str, value: Option<String>) -> Result<Option<Secret>, ConfigError> {
@@ -123,6 +135,7 @@ impl Config {
             request_timeout: Duration::from_secs(defaults::REQUEST_TIMEOUT_SECS),
             refuse_client_system: false,
             cache_ttl: Duration::from_secs(defaults::CACHE_TTL_SECS),
+            discord: None,
         }
     }
 
@@ -153,6 +166,26 @@ impl Config {
                 api_key: Secret::new(key.trim()),
                 timeout,
             });
+        let discord = match args.discord_public_key {
+            None => None,
+            Some(key) => {
+                const KEY: &str = "--discord-public-key (CHATQ_DISCORD_PUBLIC_KEY)";
+                let public_key = crate::discord::verify::PublicKey::from_hex(&key)
+                    .map_err(|reason| refuse(KEY, reason))?;
+                let application_id = args.discord_application_id.ok_or_else(|| {
+                    refuse(
+                        "--discord-application-id (CHATQ_DISCORD_APPLICATION_ID)",
+                        "required with --discord-public-key",
+                    )
+                })?;
+                Some(DiscordConfig {
+                    public_key,
+                    application_id,
+                    bot_token: token("--discord-bot-token", args.discord_bot_token)?,
+                    api_base: args.discord_api_base.trim_end_matches('/').to_owned(),
+                })
+            }
+        };
         let lease = Duration::from_secs(args.lease_secs);
         let mut store = match args.database_url {
             Some(url) => StoreOptions::postgres(PostgresOptions {
@@ -209,6 +242,7 @@ impl Config {
             request_timeout: Duration::from_secs(args.request_timeout_secs),
             refuse_client_system: args.refuse_client_system,
             cache_ttl: Duration::from_secs(args.cache_ttl_secs),
+            discord,
         })
     }
 

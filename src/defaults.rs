@@ -48,6 +48,8 @@ pub const DATABASE_POOL_SIZE: u32 = 16;
 pub const CACHE_TTL_SECS: u64 = 0;
 /// `--cache-max-entries`
 pub const CACHE_MAX_ENTRIES: u64 = 10_000;
+/// `--discord-api-base`
+pub const DISCORD_API_BASE: &str = "https://discord.com/api/v10";
 /// `--conversation-max-age-days`
 pub const CONVERSATION_MAX_AGE_DAYS: u64 = 30;
 /// A conversation's exchanges sent upstream unless its guild says otherwise.

@@ -32,6 +32,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod defaults;
+pub mod discord;
 pub mod domain;
 pub mod http;
 pub mod limiter;

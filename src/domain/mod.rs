@@ -2,11 +2,13 @@
 //! (front door, bot, workers, stores) speaks these types; none of them knows a backend.
 
 pub mod cache;
+pub mod delivery;
 pub mod guild;
 pub mod interaction;
 pub mod job;
 
 pub use cache::{CacheEntry, CacheKey, CachedReply};
+pub use delivery::{Delivery, DeliveryState, Target};
 pub use guild::{
     GroupBy, Guild, GuildSettings, RateLimitSetting, Turn, UsageQuery, UsageRow, time_key,
     utc_day_start,

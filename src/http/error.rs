@@ -213,6 +213,12 @@ impl ApiError {
     }
 }
 
+impl Detail<'_> {
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
 impl ApiError {
     /// The inner `{"message", "type", "code", "param"}` object, also sent as an SSE error event.
     pub fn body(&self) -> Detail<'_> {

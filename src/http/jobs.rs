@@ -17,7 +17,9 @@ use super::error::{ApiError, ApiJson, ApiQuery};
 use super::state::AppState;
 use super::submission::{self, Admission, Content, SubmitRequest, check_id};
 use crate::cache::{self, Verdict};
-use crate::domain::{GuildSettings, Job, JobError, JobResult, JobState, NewJob, Usage};
+use crate::domain::{
+    Delivery, DeliveryState, GuildSettings, Job, JobError, JobResult, JobState, NewJob, Usage,
+};
 use crate::limiter::Decision;
 use crate::signals::Subscription;
 use crate::store::Pushed;
@@ -197,6 +199,36 @@ pub struct JobView {
     pub run_at: Option<String>,
     pub result: Option<ResultView>,
     pub error: Option<JobError>,
+    /// Where the reply is being sent (a Discord interaction), and how that went.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deliveries: Vec<DeliveryView>,
+}
+
+/// A delivery as the job view shows it (never its target's token).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeliveryView {
+    /// `discord`
+    pub kind: &'static str,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    /// Pieces of the reply delivered so far.
+    pub sent: u32,
+    /// The reply was the fallback: the job took too long.
+    pub fallback: bool,
+    pub last_error: Option<String>,
+}
+
+impl From<&Delivery> for DeliveryView {
+    fn from(d: &Delivery) -> Self {
+        Self {
+            kind: d.target.kind(),
+            state: d.state,
+            attempts: d.attempts,
+            sent: d.sent,
+            fallback: d.fallback,
+            last_error: d.last_error.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -248,6 +280,7 @@ impl From<&Job> for JobView {
             run_at: (job.state == JobState::Delayed).then(|| rfc3339(job.run_at)),
             result: job.result.as_ref().map(ResultView::from_result),
             error: job.error.clone(),
+            deliveries: Vec::new(),
         }
     }
 }
@@ -413,7 +446,15 @@ pub async fn get_job(
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_job_id(&id)?;
     let job = wait_for_job(&state, id, query.wait.unwrap_or(0)).await?;
-    Ok(Json(JobView::from(&job)))
+    let mut view = JobView::from(&job);
+    view.deliveries = state
+        .store
+        .deliveries(id)
+        .await?
+        .iter()
+        .map(DeliveryView::from)
+        .collect();
+    Ok(Json(view))
 }
 
 /// `DELETE /v1/chat/jobs/{id}`

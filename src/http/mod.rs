@@ -11,7 +11,7 @@ mod completions;
 mod conversations;
 pub mod error;
 mod guilds;
-mod jobs;
+pub mod jobs;
 mod legacy;
 mod messages;
 mod pages;
@@ -107,7 +107,8 @@ fn api(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
-        .routes(routes!(openapi_json));
+        .routes(routes!(openapi_json))
+        .routes(routes!(crate::discord::interactions::interactions));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(client)
         .merge(admin)

@@ -156,6 +156,7 @@ macro_rules! store_contract {
             a_completed_job_of_a_conversation_adds_its_turn_once,
             a_conversation_keeps_its_newest_turns_and_forgets_old_ones,
             usage_totals_are_the_logs_grouped,
+            deliveries_are_leased_once_retried_after_the_lease_and_kept,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -1409,5 +1410,100 @@ pub async fn usage_totals_are_the_logs_grouped(h: Harness) {
             from_log.completion_tokens,
             from_log.cached
         )
+    );
+}
+
+pub async fn deliveries_are_leased_once_retried_after_the_lease_and_kept(mut h: Harness) {
+    use crate::domain::{Delivery, DeliveryState, Target};
+    let job = uuid::Uuid::new_v4();
+    let delivery = |due: u64, state: DeliveryState| Delivery {
+        id: uuid::Uuid::new_v4(),
+        job_id: job,
+        target: Target::Discord {
+            application_id: "app".into(),
+            token: "tok".into(),
+        },
+        state,
+        attempts: 0,
+        sent: 0,
+        created_at: T0,
+        next_at: due,
+        expires_at: T0 + 900_000,
+        last_error: None,
+        fallback: false,
+    };
+    let now = delivery(T0, DeliveryState::Pending);
+    let later = delivery(T0 + 1_000, DeliveryState::Pending);
+    let done = delivery(T0, DeliveryState::Delivered);
+    for d in [&now, &later, &done] {
+        h.store().add_delivery(d).await.unwrap();
+    }
+    let claimed = h.store().claim_deliveries(10, 30_000).await.unwrap();
+    assert_eq!(claimed.len(), 1, "only what is pending and due");
+    assert_eq!(
+        (claimed[0].id, claimed[0].next_at),
+        (now.id, T0 + 30_000),
+        "leased"
+    );
+    assert!(
+        h.store()
+            .claim_deliveries(10, 30_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "held by the lease"
+    );
+    h.clock.advance(1_000);
+    let claimed = h.store().claim_deliveries(10, 30_000).await.unwrap();
+    assert_eq!(claimed.iter().map(|d| d.id).collect::<Vec<_>>(), [later.id]);
+    // An attempt's outcome is kept; a lease that ran out (its claimer died) frees the delivery.
+    let mut delivered = now.clone();
+    delivered.state = DeliveryState::Delivered;
+    delivered.attempts = 1;
+    delivered.sent = 2;
+    h.store().save_delivery(&delivered).await.unwrap();
+    h.reopen().await;
+    h.clock.advance(30_000);
+    let again = h.store().claim_deliveries(10, 30_000).await.unwrap();
+    assert_eq!(again.iter().map(|d| d.id).collect::<Vec<_>>(), [later.id]);
+    let all = h.store().deliveries(job).await.unwrap();
+    assert_eq!(all.len(), 3);
+    let kept = all.iter().find(|d| d.id == now.id).unwrap();
+    assert_eq!(
+        (kept.state, kept.attempts, kept.sent),
+        (DeliveryState::Delivered, 1, 2)
+    );
+    assert!(
+        h.store()
+            .deliveries(uuid::Uuid::new_v4())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Claims racing each other hand out each delivery once.
+    for _ in 0..20 {
+        let mut d = delivery(T0, DeliveryState::Pending);
+        d.next_at = crate::clock::Clock::now_ms(h.clock.as_ref());
+        h.store().add_delivery(&d).await.unwrap();
+    }
+    h.clock.advance(40_000);
+    let (a, b) = tokio::join!(
+        h.store().claim_deliveries(15, 60_000),
+        h.store().claim_deliveries(15, 60_000)
+    );
+    let mut ids: Vec<_> = a
+        .unwrap()
+        .into_iter()
+        .chain(b.unwrap())
+        .map(|d| d.id)
+        .collect();
+    let claimed = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), claimed, "no delivery claimed twice");
+    assert_eq!(
+        claimed, 21,
+        "the twenty new ones and the one whose lease ran out"
     );
 }

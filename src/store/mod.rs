@@ -41,8 +41,8 @@ use uuid::Uuid;
 
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{
-    CacheKey, CachedReply, Guild, GuildSettings, Job, JobError, JobResult, JobState, LogPage,
-    LogQuery, NewJob, QueueCounts, Turn, UsageQuery, UsageRow,
+    CacheKey, CachedReply, Delivery, Guild, GuildSettings, Job, JobError, JobResult, JobState,
+    LogPage, LogQuery, NewJob, QueueCounts, Turn, UsageQuery, UsageRow,
 };
 use crate::secret::Secret;
 pub use crate::signals::JobNotifier;
@@ -492,6 +492,25 @@ pub trait ReplyCache: Send + Sync {
     async fn cache_len(&self) -> Result<u64, StoreError>;
 }
 
+/// The delivery outbox (DESIGN §16). Every write is durable on `Ok`. A claim leases the
+/// deliveries it returns (their `next_at` moves to the lease's end), so two processes sharing
+/// the store never attempt one delivery at the same time, and one that died mid-attempt is
+/// picked up again when its lease ends.
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    async fn add_delivery(&self, delivery: &Delivery) -> Result<(), StoreError>;
+    /// Up to `limit` pending deliveries due now, leased for `lease_ms`, soonest first.
+    async fn claim_deliveries(
+        &self,
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<Delivery>, StoreError>;
+    /// Records what an attempt did (replaces the delivery).
+    async fn save_delivery(&self, delivery: &Delivery) -> Result<(), StoreError>;
+    /// A job's deliveries, oldest first.
+    async fn deliveries(&self, job_id: Uuid) -> Result<Vec<Delivery>, StoreError>;
+}
+
 /// Everything chatq needs of a backend.
 pub trait Store:
     JobStore
@@ -502,6 +521,7 @@ pub trait Store:
     + ReplyCache
     + Guilds
     + Conversations
+    + Outbox
 {
 }
 
@@ -513,7 +533,8 @@ impl<
         + RateLimits
         + ReplyCache
         + Guilds
-        + Conversations,
+        + Conversations
+        + Outbox,
 > Store for T
 {
 }

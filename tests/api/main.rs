@@ -11,6 +11,7 @@ mod cache;
 mod chaos;
 mod completions;
 mod crash;
+mod discord;
 mod disk;
 mod guilds;
 mod jobs;

@@ -11,6 +11,8 @@
 //! | `cache` | cache key (32 bytes) | encoded [`StoredCacheEntry`](record::StoredCacheEntry) |
 //! | `guilds` | guild id | encoded [`Guild`] |
 //! | `turns` | guild ++ 0 ++ conversation ++ 0 ++ at ++ seq | encoded [`Turn`] |
+//! | `outbox` | delivery id | encoded [`Delivery`](crate::domain::Delivery) |
+//! | `outbox_by_job` | job id ++ delivery id | empty |
 //!
 //! Cache entries have their own small in-memory index (by age, for the bound on entries, and
 //! by expiry, for maintenance), rebuilt at open like the job index and kept under its own
@@ -66,7 +68,7 @@ use crate::domain::{
 use crate::signals::JobNotifier;
 use crate::store::{
     Claimed, Conversations, Durability, EmbeddedOptions, FailOutcome, Guilds, InteractionLog,
-    JobStore, Lease, LogRetention, MAX_TURNS, Maintenance, Pushed, ReplyCache, StoreError,
+    JobStore, Lease, LogRetention, MAX_TURNS, Maintenance, Outbox, Pushed, ReplyCache, StoreError,
     StoreHealth, StoreOptions, StoreStatus,
 };
 
@@ -206,6 +208,10 @@ pub struct SledQueue {
     cache_index: Mutex<CacheIndex>,
     guilds: sled::Tree,
     turns: sled::Tree,
+    outbox: sled::Tree,
+    outbox_by_job: sled::Tree,
+    /// Serialises outbox claims: a claim reads and rewrites the records it leases.
+    outbox_lock: Mutex<()>,
     /// When conversation turns were last checked for age (store clock).
     turns_pruned_at: AtomicU64,
     options: StoreOptions,
@@ -278,6 +284,9 @@ impl SledQueue {
             cache_index: Mutex::new(CacheIndex::default()),
             guilds: db.open_tree("guilds")?,
             turns: db.open_tree("turns")?,
+            outbox: db.open_tree("outbox")?,
+            outbox_by_job: db.open_tree("outbox_by_job")?,
+            outbox_lock: Mutex::new(()),
             turns_pruned_at: AtomicU64::new(0),
             db,
             log_file,
@@ -649,6 +658,25 @@ impl SledQueue {
         Ok(())
     }
 
+    /// Drops deliveries that ended (delivered or given up) a day ago; checked with the turns'
+    /// cadence.
+    fn prune_outbox(&self) -> Result<u64, StoreError> {
+        let cutoff = self.clock.now_ms().saturating_sub(86_400_000);
+        let mut removed = 0;
+        for bytes in self.outbox.iter().values() {
+            let delivery = record::decode_delivery(&bytes?)?;
+            if delivery.state != crate::domain::DeliveryState::Pending && delivery.next_at < cutoff
+            {
+                let mut by_job = delivery.job_id.as_bytes().to_vec();
+                by_job.extend_from_slice(delivery.id.as_bytes());
+                self.outbox_by_job.remove(by_job)?;
+                self.outbox.remove(delivery.id.as_bytes())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Forgets turns older than the conversations' age limit.
     fn prune_turns(&self) -> Result<u64, StoreError> {
         let now = self.clock.now_ms();
@@ -927,6 +955,7 @@ impl SledQueue {
         removed += self.prune_log(self.options.log_retention)?;
         removed += self.prune_cache()?;
         removed += self.prune_turns()?;
+        removed += self.prune_outbox()?;
         Ok(removed)
     }
 
@@ -1254,6 +1283,66 @@ impl Guilds for SledQueue {
         let existed = self.guilds.remove(guild_id.as_bytes())?.is_some();
         self.durable().await?;
         Ok(existed)
+    }
+}
+
+impl SledQueue {
+    fn write_delivery(&self, delivery: &crate::domain::Delivery) -> Result<(), StoreError> {
+        self.outbox
+            .insert(delivery.id.as_bytes(), record::encode_delivery(delivery)?)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Outbox for SledQueue {
+    async fn add_delivery(&self, delivery: &crate::domain::Delivery) -> Result<(), StoreError> {
+        let mut by_job = delivery.job_id.as_bytes().to_vec();
+        by_job.extend_from_slice(delivery.id.as_bytes());
+        self.outbox_by_job.insert(by_job, &[])?;
+        self.write_delivery(delivery)?;
+        self.durable().await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<crate::domain::Delivery>, StoreError> {
+        let now = self.clock.now_ms();
+        let _claiming = self.outbox_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // The outbox holds few records (retention drops finished ones): a scan is cheap.
+        let mut due = Vec::new();
+        for bytes in self.outbox.iter().values() {
+            let delivery = record::decode_delivery(&bytes?)?;
+            if delivery.state == crate::domain::DeliveryState::Pending && delivery.next_at <= now {
+                due.push(delivery);
+            }
+        }
+        due.sort_by_key(|d| (d.next_at, d.created_at));
+        due.truncate(limit);
+        for delivery in &mut due {
+            delivery.next_at = now.saturating_add(lease_ms);
+            self.write_delivery(delivery)?;
+        }
+        Ok(due)
+    }
+
+    async fn save_delivery(&self, delivery: &crate::domain::Delivery) -> Result<(), StoreError> {
+        self.write_delivery(delivery)?;
+        self.durable().await
+    }
+
+    async fn deliveries(&self, job_id: Uuid) -> Result<Vec<crate::domain::Delivery>, StoreError> {
+        let mut found = Vec::new();
+        for key in self.outbox_by_job.scan_prefix(job_id.as_bytes()).keys() {
+            let key = key?;
+            if let Some(bytes) = self.outbox.get(&key[16..])? {
+                found.push(record::decode_delivery(&bytes)?);
+            }
+        }
+        found.sort_by_key(|d| d.created_at);
+        Ok(found)
     }
 }
 

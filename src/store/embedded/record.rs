@@ -58,6 +58,8 @@ pub const CACHE_VERSION: u8 = 1;
 pub const GUILD_VERSION: u8 = 1;
 /// The conversation turn version this release writes.
 pub const TURN_VERSION: u8 = 1;
+/// The delivery version this release writes.
+pub const DELIVERY_VERSION: u8 = 1;
 
 /// A job as the embedded store keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -421,6 +423,14 @@ pub fn encode_guild(guild: &Guild) -> Result<Vec<u8>, CodecError> {
 
 pub fn decode_guild(bytes: &[u8]) -> Result<Guild, CodecError> {
     codec::decode(GUILD_VERSION, bytes)
+}
+
+pub fn encode_delivery(delivery: &crate::domain::Delivery) -> Result<Vec<u8>, CodecError> {
+    codec::encode(DELIVERY_VERSION, delivery)
+}
+
+pub fn decode_delivery(bytes: &[u8]) -> Result<crate::domain::Delivery, CodecError> {
+    codec::decode(DELIVERY_VERSION, bytes)
 }
 
 pub fn encode_turn(turn: &Turn) -> Result<Vec<u8>, CodecError> {

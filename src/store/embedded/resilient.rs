@@ -442,6 +442,35 @@ impl Guilds for ResilientQueue {
 }
 
 #[async_trait]
+impl crate::store::Outbox for ResilientQueue {
+    async fn add_delivery(&self, delivery: &crate::domain::Delivery) -> Result<(), StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.add_delivery(delivery).await)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<crate::domain::Delivery>, StoreError> {
+        if self.shared.broken().is_some() {
+            return Ok(Vec::new());
+        }
+        let queue = self.queue()?;
+        self.watch(queue.claim_deliveries(limit, lease_ms).await)
+    }
+
+    async fn save_delivery(&self, delivery: &crate::domain::Delivery) -> Result<(), StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.save_delivery(delivery).await)
+    }
+
+    async fn deliveries(&self, job_id: Uuid) -> Result<Vec<crate::domain::Delivery>, StoreError> {
+        self.queue()?.deliveries(job_id).await
+    }
+}
+
+#[async_trait]
 impl Conversations for ResilientQueue {
     async fn turns(
         &self,

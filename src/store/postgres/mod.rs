@@ -629,6 +629,13 @@ impl PgStore {
         removed += tx
             .execute("DELETE FROM chatq_turns WHERE at < $1", &[&turn_cutoff])
             .await?;
+        // Deliveries that ended a day ago.
+        removed += tx
+            .execute(
+                "DELETE FROM chatq_deliveries WHERE state <> 'pending' AND next_at < $1",
+                &[&(now - 86_400_000)],
+            )
+            .await?;
         let retention = self.options.log_retention;
         if let Some(age) = retention.max_age_ms {
             let cutoff = self.clock.now_ms().saturating_sub(age) as i64;
@@ -1392,6 +1399,99 @@ fn guild_from(row: &Row) -> Result<Guild, StoreError> {
         settings,
         updated_at: ms(row.try_get("updated_at")?),
     })
+}
+
+fn state_name(state: crate::domain::DeliveryState) -> &'static str {
+    match state {
+        crate::domain::DeliveryState::Pending => "pending",
+        crate::domain::DeliveryState::Delivered => "delivered",
+        crate::domain::DeliveryState::Failed => "failed",
+    }
+}
+
+fn delivery_from(row: &Row) -> Result<crate::domain::Delivery, StoreError> {
+    let Json(delivery): Json<crate::domain::Delivery> = row.try_get("record")?;
+    Ok(delivery)
+}
+
+#[async_trait]
+impl crate::store::Outbox for PgStore {
+    async fn add_delivery(&self, d: &crate::domain::Delivery) -> Result<(), StoreError> {
+        self.save_delivery(d).await
+    }
+
+    /// One statement: the due rows locked with SKIP LOCKED and leased (their `next_at`, in
+    /// the row and in the record) in the same update.
+    async fn claim_deliveries(
+        &self,
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<crate::domain::Delivery>, StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH now AS (SELECT {now} AS ms),
+             due AS (SELECT id FROM chatq_deliveries
+                 WHERE state = 'pending' AND next_at <= (SELECT ms FROM now)
+                 ORDER BY next_at, created_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+             UPDATE chatq_deliveries d SET next_at = (SELECT ms FROM now) + $3,
+                 record = jsonb_set(d.record, '{{next_at}}', to_jsonb((SELECT ms FROM now) + $3))
+             FROM due WHERE d.id = due.id
+             RETURNING d.record",
+                now = schema::NOW
+            )
+        });
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let lease = i64::try_from(lease_ms).unwrap_or(i64::MAX / 2);
+        let client = self.client().await?;
+        let statement = client.prepare_cached(SQL.as_str()).await?;
+        let rows = client
+            .query(&statement, &[&self.now(), &limit, &lease])
+            .await?;
+        let mut due = rows
+            .iter()
+            .map(delivery_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        due.sort_by_key(|d| (d.next_at, d.created_at));
+        Ok(due)
+    }
+
+    async fn save_delivery(&self, d: &crate::domain::Delivery) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO chatq_deliveries (id, job_id, record, state, next_at, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (id) DO UPDATE SET record = excluded.record,
+                     state = excluded.state, next_at = excluded.next_at",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
+                &[
+                    &d.id,
+                    &d.job_id,
+                    &Json(d),
+                    &state_name(d.state),
+                    &(d.next_at as i64),
+                    &(d.created_at as i64),
+                ],
+            )
+            .await?;
+        self.committed();
+        Ok(())
+    }
+
+    async fn deliveries(&self, job_id: Uuid) -> Result<Vec<crate::domain::Delivery>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT record FROM chatq_deliveries WHERE job_id = $1 ORDER BY created_at, id",
+                &[&job_id],
+            )
+            .await?;
+        rows.iter().map(delivery_from).collect()
+    }
 }
 
 #[async_trait]

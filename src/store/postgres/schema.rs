@@ -143,6 +143,18 @@ CREATE TABLE chatq_turns (
   PRIMARY KEY (guild_id, conversation_id, at, seq)
 );
 CREATE INDEX chatq_turns_age ON chatq_turns (at);
+
+-- The delivery outbox: a finished job's reply on its way to Discord (or a webhook).
+CREATE TABLE chatq_deliveries (
+  id uuid PRIMARY KEY,
+  job_id uuid NOT NULL,
+  record jsonb NOT NULL,
+  state text NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+  next_at bigint NOT NULL,
+  created_at bigint NOT NULL
+);
+CREATE INDEX chatq_deliveries_due ON chatq_deliveries (next_at) WHERE state = 'pending';
+CREATE INDEX chatq_deliveries_job ON chatq_deliveries (job_id);
 "#,
 ];
 

@@ -1,0 +1,253 @@
+//! The deliverer: takes due deliveries from the store's outbox and sends their job's reply.
+//!
+//! A Discord delivery edits the interaction's original response
+//! (`PATCH {api}/webhooks/{application}/{token}/messages/@original`) with the first 2,000
+//! characters and posts the rest as follow-ups (`POST {api}/webhooks/{application}/{token}`),
+//! each with `allowed_mentions: {"parse": []}` so a reply never pings anyone. After each piece
+//! the delivery records how many were sent, so a retry (after a restart too) goes on from
+//! the next one: at least once, a piece is repeated only if chatq died between Discord's
+//! answer and that record.
+//!
+//! - A job not finished 13 minutes after its interaction gets its personality's fallback
+//!   reply, marked as such: Discord's token dies at 15.
+//! - 429: retried after Discord's `retry_after`; 5xx and network errors: after a backoff
+//!   (1 s, doubling, at most 60 s); any other refusal gives up; so does the token's expiry.
+//! - Claims are leased (`Outbox::claim_deliveries`), so replicas sharing a store never send
+//!   one delivery twice at once, and one that died mid-attempt is taken up after the lease.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::bot::fallback;
+use crate::domain::{Delivery, DeliveryState, Job, JobState, Target};
+use crate::http::AppState;
+
+/// Discord's longest message.
+pub const MAX_MESSAGE_CHARS: usize = 2_000;
+/// A job still running this long after its interaction gets the fallback reply.
+pub const FALLBACK_AFTER_MS: u64 = 13 * 60_000;
+/// How often the outbox is looked at.
+const TICK: Duration = Duration::from_millis(200);
+/// A claim holds a delivery this long (an attempt is a few HTTP requests of at most 10 s).
+const LEASE_MS: u64 = 60_000;
+/// A delivery whose job is not done yet is looked at again after this.
+const WAIT_MS: u64 = 300;
+const BACKOFF_CAP_MS: u64 = 60_000;
+
+/// Splits `text` into pieces of at most [`MAX_MESSAGE_CHARS`] characters, at a line break or
+/// a space when there is one in the last quarter of a piece.
+pub fn pieces(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest: Vec<char> = text.chars().collect();
+    while rest.len() > MAX_MESSAGE_CHARS {
+        let window = &rest[..MAX_MESSAGE_CHARS];
+        let cut = window
+            .iter()
+            .rposition(|c| *c == '\n')
+            .or_else(|| window.iter().rposition(|c| *c == ' '))
+            .filter(|i| *i >= MAX_MESSAGE_CHARS * 3 / 4)
+            .map_or(MAX_MESSAGE_CHARS, |i| i + 1);
+        out.push(rest[..cut].iter().collect());
+        rest.drain(..cut);
+    }
+    if !rest.is_empty() || out.is_empty() {
+        out.push(rest.into_iter().collect());
+    }
+    out
+}
+
+/// What a finished job says in Discord.
+fn reply_of(job: &Job) -> String {
+    match (job.state, &job.result, &job.error) {
+        (JobState::Completed, Some(result), _) => result.reply.clone(),
+        (JobState::Cancelled, _, _) => "The request was cancelled.".to_owned(),
+        (_, _, Some(error)) => format!("Sorry, I could not answer this time ({}).", error.message),
+        _ => "Sorry, I could not answer this time.".to_owned(),
+    }
+}
+
+/// Why an attempt stopped.
+enum Stop {
+    /// Try again after this many milliseconds.
+    Retry(u64, String),
+    /// Give up.
+    GiveUp(String),
+}
+
+/// Runs until `stop` fires.
+pub async fn run(state: AppState, stop: CancellationToken) {
+    let http = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(http) => http,
+        Err(e) => {
+            tracing::error!(error = %e, "no HTTP client for deliveries; none will be sent");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(TICK) => {}
+            () = stop.cancelled() => return,
+        }
+        let due = match state.store.claim_deliveries(16, LEASE_MS).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the delivery outbox failed");
+                continue;
+            }
+        };
+        for delivery in due {
+            attempt(&state, &http, delivery).await;
+        }
+    }
+}
+
+async fn save(state: &AppState, delivery: &Delivery) {
+    if let Err(e) = state.store.save_delivery(delivery).await {
+        // The lease runs out and the delivery is attempted again: at least once.
+        tracing::warn!(delivery = %delivery.id, error = %e, "recording a delivery failed");
+    }
+}
+
+async fn attempt(state: &AppState, http: &reqwest::Client, mut delivery: Delivery) {
+    let now = state.clock.now_ms();
+    if now >= delivery.expires_at {
+        delivery.state = DeliveryState::Failed;
+        delivery.last_error = Some("the interaction token expired before the reply".to_owned());
+        delivery.next_at = now;
+        tracing::warn!(job_id = %delivery.job_id, "a Discord reply could not be delivered in time");
+        return save(state, &delivery).await;
+    }
+    let text = match state.store.get(delivery.job_id).await {
+        Ok(Some(job)) if job.state.is_terminal() => reply_of(&job),
+        Ok(Some(job)) if now >= delivery.created_at + FALLBACK_AFTER_MS => {
+            delivery.fallback = true;
+            let personality = state
+                .bot
+                .personalities()
+                .resolve(job.request.personality.as_deref());
+            format!(
+                "{}\n\n(chatq: the answer is taking too long, so this is a canned reply.)",
+                fallback::reply_for(personality)
+            )
+        }
+        // Not done yet (or, just after the interaction, not pushed yet): look again soon.
+        Ok(Some(_)) | Ok(None) if now < delivery.created_at + FALLBACK_AFTER_MS => {
+            delivery.next_at = now + WAIT_MS;
+            return save(state, &delivery).await;
+        }
+        Ok(_) => {
+            delivery.state = DeliveryState::Failed;
+            delivery.last_error = Some("the job is gone".to_owned());
+            delivery.next_at = now;
+            return save(state, &delivery).await;
+        }
+        Err(e) => {
+            delivery.next_at = now + 1_000;
+            delivery.last_error = Some(e.to_string());
+            return save(state, &delivery).await;
+        }
+    };
+    let Some(discord) = state.config.discord.as_ref() else {
+        delivery.next_at = now + 60_000;
+        delivery.last_error = Some("Discord is not configured on this server".to_owned());
+        return save(state, &delivery).await;
+    };
+    let Target::Discord {
+        application_id,
+        token,
+    } = delivery.target.clone();
+    let webhook = format!("{}/webhooks/{application_id}/{token}", discord.api_base);
+    let pieces = pieces(&text);
+    for (i, piece) in pieces.iter().enumerate().skip(delivery.sent as usize) {
+        let body = json!({"content": piece, "allowed_mentions": {"parse": []}});
+        let request = if i == 0 {
+            http.patch(format!("{webhook}/messages/@original"))
+        } else {
+            http.post(webhook.as_str())
+        };
+        delivery.attempts += 1;
+        match send(request.json(&body), delivery.attempts).await {
+            Ok(()) => {
+                delivery.sent += 1;
+                delivery.last_error = None;
+                save(state, &delivery).await;
+            }
+            Err(Stop::Retry(after_ms, why)) => {
+                tracing::warn!(job_id = %delivery.job_id, error = %why, retry_in_ms = after_ms, "a Discord delivery will be retried");
+                delivery.next_at = state.clock.now_ms() + after_ms;
+                delivery.last_error = Some(why);
+                return save(state, &delivery).await;
+            }
+            Err(Stop::GiveUp(why)) => {
+                tracing::warn!(job_id = %delivery.job_id, error = %why, "a Discord delivery was refused; giving up");
+                delivery.state = DeliveryState::Failed;
+                delivery.next_at = state.clock.now_ms();
+                delivery.last_error = Some(why);
+                return save(state, &delivery).await;
+            }
+        }
+    }
+    delivery.state = DeliveryState::Delivered;
+    delivery.next_at = state.clock.now_ms();
+    save(state, &delivery).await;
+}
+
+/// One request to Discord.
+async fn send(request: reqwest::RequestBuilder, attempts: u32) -> Result<(), Stop> {
+    let backoff = (1_000u64 << attempts.saturating_sub(1).min(10)).min(BACKOFF_CAP_MS);
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(e) => return Err(Stop::Retry(backoff, format!("Discord unreachable: {e}"))),
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let header_wait = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<f64>().ok());
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if status.as_u16() == 429 {
+        // Discord says how long in the body (seconds, fractional), and in Retry-After.
+        let secs = body["retry_after"].as_f64().or(header_wait).unwrap_or(1.0);
+        let wait = (secs.max(0.0) * 1_000.0).ceil() as u64;
+        return Err(Stop::Retry(
+            wait.clamp(1, BACKOFF_CAP_MS),
+            "Discord said 429".to_owned(),
+        ));
+    }
+    if status.is_server_error() {
+        return Err(Stop::Retry(backoff, format!("Discord answered {status}")));
+    }
+    Err(Stop::GiveUp(format!("Discord answered {status}: {body}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_cut_into_discord_sized_pieces_at_a_space_when_there_is_one() {
+        assert_eq!(pieces("short"), ["short"]);
+        assert_eq!(pieces(""), [""]);
+        let words = "word ".repeat(600); // 3,000 characters
+        let cut = pieces(&words);
+        assert_eq!(cut.len(), 2);
+        assert!(cut.iter().all(|p| p.chars().count() <= MAX_MESSAGE_CHARS));
+        assert!(cut[0].ends_with(' '), "cut after a space");
+        assert_eq!(cut.concat(), words, "nothing lost");
+        let solid = "é".repeat(4_500);
+        let cut = pieces(&solid);
+        assert_eq!(
+            cut.iter().map(|p| p.chars().count()).collect::<Vec<_>>(),
+            [2_000, 2_000, 500]
+        );
+    }
+}
