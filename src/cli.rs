@@ -57,6 +57,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the database schema's migrations (`serve` also does at start).
     Migrate(MigrateArgs),
+    /// Discord: register the slash commands (/ask, /reset, /quota) with the bot token.
+    #[command(subcommand)]
+    Discord(DiscordCommand),
     /// Submit a chat job to a running server and print it.
     Submit(SubmitArgs),
     /// Show one job.
@@ -228,6 +231,28 @@ pub struct MigrateArgs {
     /// As for `serve`.
     #[arg(long, env = "CHATQ_DATABASE_CA_FILE")]
     pub database_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiscordCommand {
+    /// Registers /ask, /reset and /quota: globally, or in one guild (at once, for testing).
+    Register(RegisterArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// The Discord application id.
+    #[arg(long, env = "CHATQ_DISCORD_APPLICATION_ID")]
+    pub discord_application_id: String,
+    /// The bot token (Developer Portal, Bot).
+    #[arg(long, env = "CHATQ_DISCORD_BOT_TOKEN", hide_env_values = true)]
+    pub discord_bot_token: String,
+    /// Discord's API.
+    #[arg(long, env = "CHATQ_DISCORD_API_BASE", default_value = defaults::DISCORD_API_BASE)]
+    pub discord_api_base: String,
+    /// Register in this guild only (commands appear at once; global ones can take a while).
+    #[arg(long)]
+    pub guild: Option<String>,
 }
 
 /// Where a client subcommand finds the server.

@@ -30,6 +30,9 @@ async fn main() -> ExitCode {
             }
         },
         Command::Migrate(args) => migrate(args).await,
+        Command::Discord(chatq::cli::DiscordCommand::Register(args)) => {
+            chatq::discord::register::run(args).await
+        }
         Command::Submit(args) => client::submit(args).await,
         Command::Job(args) => client::job(args).await,
         Command::Stats(args) => client::stats(args).await,

@@ -5,4 +5,5 @@
 
 pub mod deliver;
 pub mod interactions;
+pub mod register;
 pub mod verify;

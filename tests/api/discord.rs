@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{patch, post};
+use axum::routing::{patch, post, put};
 use chatq::clock::ManualClock;
 use chatq::config::{Config, DiscordConfig};
 use chatq::discord::verify::PublicKey;
@@ -72,6 +72,27 @@ impl FakeDiscord {
                 post(
                     |state, method, Path((app, token)): Path<(String, String)>, body| {
                         webhook(state, method, Path(vec![app, token]), body)
+                    },
+                ),
+            )
+            .route(
+                "/applications/{app}/guilds/{guild}/commands",
+                put(
+                    |State(fake): State<FakeDiscord>,
+                     Path((app, guild)): Path<(String, String)>,
+                     headers: axum::http::HeaderMap,
+                     axum::Json(body): axum::Json<Value>| async move {
+                        let auth = headers
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        fake.calls.lock().unwrap().push((
+                            "PUT".into(),
+                            format!("applications/{app}/guilds/{guild}/commands"),
+                            json!({"authorization": auth, "body": body.clone()}),
+                        ));
+                        axum::Json(body)
                     },
                 ),
             )
@@ -491,4 +512,63 @@ async fn a_reply_owed_when_chatq_is_killed_is_delivered_after_the_restart() {
     assert_eq!(upstream.request_count(), 1, "the job was not run again");
     chatq.kill().unwrap();
     chatq.wait().unwrap();
+}
+
+#[tokio::test]
+async fn register_sends_the_command_definitions_with_the_bot_token() {
+    let (fake, api) = FakeDiscord::start().await;
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chatq"))
+            .args([
+                "discord",
+                "register",
+                "--guild",
+                "g1",
+                "--discord-application-id",
+                APP,
+                "--discord-bot-token",
+                "bot-secret",
+                "--discord-api-base",
+                &api,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout)
+            .contains("registered 3 commands (ask, reset, quota) in guild g1")
+    );
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 1);
+    let (method, path, sent) = &calls[0];
+    assert_eq!(
+        (method.as_str(), path.as_str()),
+        ("PUT", "applications/app-1/guilds/g1/commands")
+    );
+    assert_eq!(sent["authorization"], "Bot bot-secret");
+    let commands = sent["body"].as_array().unwrap();
+    let names: Vec<&str> = commands
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ask", "reset", "quota"]);
+    let prompt = &commands[0]["options"][0];
+    assert_eq!(
+        (prompt["name"].as_str(), prompt["required"].as_bool()),
+        (Some("prompt"), Some(true))
+    );
+    assert!(
+        commands[0]["options"][1]["choices"]
+            .as_array()
+            .unwrap()
+            .len()
+            >= 5
+    );
 }
