@@ -202,6 +202,18 @@ pub struct ServeArgs {
     /// Discord's API.
     #[arg(long, env = "CHATQ_DISCORD_API_BASE", default_value = defaults::DISCORD_API_BASE)]
     pub discord_api_base: String,
+    /// A host a job's `callback_url` may point at (repeat, or separate with commas); none by
+    /// default, so chatq posts nowhere it was not told to.
+    #[arg(
+        long = "webhook-allow-host",
+        env = "CHATQ_WEBHOOK_ALLOW_HOST",
+        value_delimiter = ','
+    )]
+    pub webhook_allow_hosts: Vec<String>,
+    /// The key webhooks are signed with: `whsec_` and at least 24 bytes in base64 (the
+    /// Standard Webhooks form).
+    #[arg(long, env = "CHATQ_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
     /// Conversation turns older than this many days are forgotten.
     #[arg(long, env = "CHATQ_CONVERSATION_MAX_AGE_DAYS", default_value_t = defaults::CONVERSATION_MAX_AGE_DAYS, value_parser = clap::value_parser!(u64).range(1..=3_650))]
     pub conversation_max_age_days: u64,

@@ -88,6 +88,8 @@ pub struct Config {
     pub cache_ttl: Duration,
     /// Discord's HTTP interactions, when a public key is set.
     pub discord: Option<DiscordConfig>,
+    /// Where `callback_url`s may point, and the signing key.
+    pub webhook: crate::webhook::WebhookConfig,
 }
 
 /// What `POST /discord/interactions` needs.
@@ -136,6 +138,7 @@ impl Config {
             refuse_client_system: false,
             cache_ttl: Duration::from_secs(defaults::CACHE_TTL_SECS),
             discord: None,
+            webhook: crate::webhook::WebhookConfig::default(),
         }
     }
 
@@ -185,6 +188,20 @@ impl Config {
                     api_base: args.discord_api_base.trim_end_matches('/').to_owned(),
                 })
             }
+        };
+        let webhook = crate::webhook::WebhookConfig {
+            allow_hosts: args
+                .webhook_allow_hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            secret: args
+                .webhook_secret
+                .as_deref()
+                .map(crate::webhook::Secret::parse)
+                .transpose()
+                .map_err(|reason| refuse("--webhook-secret (CHATQ_WEBHOOK_SECRET)", reason))?,
         };
         let lease = Duration::from_secs(args.lease_secs);
         let mut store = match args.database_url {
@@ -243,6 +260,7 @@ impl Config {
             refuse_client_system: args.refuse_client_system,
             cache_ttl: Duration::from_secs(args.cache_ttl_secs),
             discord,
+            webhook,
         })
     }
 

@@ -42,4 +42,5 @@ pub mod signals;
 pub mod store;
 pub mod telemetry;
 pub mod validate;
+pub mod webhook;
 pub mod worker;

@@ -1,4 +1,6 @@
-//! The deliverer: takes due deliveries from the store's outbox and sends their job's reply.
+//! The deliverer: takes due deliveries from the store's outbox and sends their job's reply:
+//! to Discord (below) or to a webhook (`crate::webhook`: the finished job view, signed, retried
+//! on any failure for 24 hours, up to 10 minutes apart).
 //!
 //! A Discord delivery edits the interaction's original response
 //! (`PATCH {api}/webhooks/{application}/{token}/messages/@original`) with the first 2,000
@@ -35,6 +37,8 @@ const LEASE_MS: u64 = 60_000;
 /// A delivery whose job is not done yet is looked at again after this.
 const WAIT_MS: u64 = 300;
 const BACKOFF_CAP_MS: u64 = 60_000;
+/// Webhooks are retried for a day: at most this far apart.
+const WEBHOOK_BACKOFF_CAP_MS: u64 = 10 * 60_000;
 
 /// Splits `text` into pieces of at most [`MAX_MESSAGE_CHARS`] characters, at a line break or
 /// a space when there is one in the last quarter of a piece.
@@ -117,30 +121,29 @@ async fn attempt(state: &AppState, http: &reqwest::Client, mut delivery: Deliver
     let now = state.clock.now_ms();
     if now >= delivery.expires_at {
         delivery.state = DeliveryState::Failed;
-        delivery.last_error = Some("the interaction token expired before the reply".to_owned());
+        delivery.last_error = Some(format!(
+            "given up: the {} delivery could not be made in time",
+            delivery.target.kind()
+        ));
         delivery.next_at = now;
-        tracing::warn!(job_id = %delivery.job_id, "a Discord reply could not be delivered in time");
+        tracing::warn!(job_id = %delivery.job_id, target = delivery.target.kind(), "a delivery was given up");
         return save(state, &delivery).await;
     }
-    let text = match state.store.get(delivery.job_id).await {
-        Ok(Some(job)) if job.state.is_terminal() => reply_of(&job),
-        Ok(Some(job)) if now >= delivery.created_at + FALLBACK_AFTER_MS => {
-            delivery.fallback = true;
-            let personality = state
-                .bot
-                .personalities()
-                .resolve(job.request.personality.as_deref());
-            format!(
-                "{}\n\n(chatq: the answer is taking too long, so this is a canned reply.)",
-                fallback::reply_for(personality)
-            )
-        }
-        // Not done yet (or, just after the interaction, not pushed yet): look again soon.
-        Ok(Some(_)) | Ok(None) if now < delivery.created_at + FALLBACK_AFTER_MS => {
+    let discord = matches!(delivery.target, Target::Discord { .. });
+    // Only Discord's short-lived token calls for a stand-in reply.
+    let late = discord && now >= delivery.created_at + FALLBACK_AFTER_MS;
+    let job = match state.store.get(delivery.job_id).await {
+        Ok(Some(job)) if job.state.is_terminal() || late => job,
+        // Not done yet (or, just after the request, not pushed yet): look again soon.
+        Ok(Some(_)) => {
             delivery.next_at = now + WAIT_MS;
             return save(state, &delivery).await;
         }
-        Ok(_) => {
+        Ok(None) if now < delivery.created_at + 60_000 => {
+            delivery.next_at = now + WAIT_MS;
+            return save(state, &delivery).await;
+        }
+        Ok(None) => {
             delivery.state = DeliveryState::Failed;
             delivery.last_error = Some("the job is gone".to_owned());
             delivery.next_at = now;
@@ -152,57 +155,129 @@ async fn attempt(state: &AppState, http: &reqwest::Client, mut delivery: Deliver
             return save(state, &delivery).await;
         }
     };
-    let Some(discord) = state.config.discord.as_ref() else {
-        delivery.next_at = now + 60_000;
-        delivery.last_error = Some("Discord is not configured on this server".to_owned());
-        return save(state, &delivery).await;
+    let outcome = match delivery.target.clone() {
+        Target::Discord {
+            application_id,
+            token,
+        } => {
+            let text = if job.state.is_terminal() {
+                reply_of(&job)
+            } else {
+                delivery.fallback = true;
+                let personality = state
+                    .bot
+                    .personalities()
+                    .resolve(job.request.personality.as_deref());
+                format!(
+                    "{}\n\n(chatq: the answer is taking too long, so this is a canned reply.)",
+                    fallback::reply_for(personality)
+                )
+            };
+            discord_pieces(state, http, &mut delivery, &application_id, &token, &text).await
+        }
+        Target::Webhook { url } => webhook(state, http, &mut delivery, &url, &job).await,
     };
-    let Target::Discord {
-        application_id,
-        token,
-    } = delivery.target.clone();
-    let webhook = format!("{}/webhooks/{application_id}/{token}", discord.api_base);
-    let pieces = pieces(&text);
-    for (i, piece) in pieces.iter().enumerate().skip(delivery.sent as usize) {
-        let body = json!({"content": piece, "allowed_mentions": {"parse": []}});
-        let request = if i == 0 {
-            http.patch(format!("{webhook}/messages/@original"))
-        } else {
-            http.post(webhook.as_str())
-        };
-        delivery.attempts += 1;
-        match send(request.json(&body), delivery.attempts).await {
-            Ok(()) => {
-                delivery.sent += 1;
-                delivery.last_error = None;
-                save(state, &delivery).await;
-            }
-            Err(Stop::Retry(after_ms, why)) => {
-                tracing::warn!(job_id = %delivery.job_id, error = %why, retry_in_ms = after_ms, "a Discord delivery will be retried");
-                delivery.next_at = state.clock.now_ms() + after_ms;
-                delivery.last_error = Some(why);
-                return save(state, &delivery).await;
-            }
-            Err(Stop::GiveUp(why)) => {
-                tracing::warn!(job_id = %delivery.job_id, error = %why, "a Discord delivery was refused; giving up");
-                delivery.state = DeliveryState::Failed;
-                delivery.next_at = state.clock.now_ms();
-                delivery.last_error = Some(why);
-                return save(state, &delivery).await;
-            }
+    match outcome {
+        Ok(()) => {
+            delivery.state = DeliveryState::Delivered;
+            delivery.last_error = None;
+            delivery.next_at = state.clock.now_ms();
+        }
+        Err(Stop::Retry(after_ms, why)) => {
+            tracing::warn!(job_id = %delivery.job_id, target = delivery.target.kind(), error = %why, retry_in_ms = after_ms, "a delivery will be retried");
+            delivery.next_at = state.clock.now_ms() + after_ms;
+            delivery.last_error = Some(why);
+        }
+        Err(Stop::GiveUp(why)) => {
+            tracing::warn!(job_id = %delivery.job_id, target = delivery.target.kind(), error = %why, "a delivery was refused; giving up");
+            delivery.state = DeliveryState::Failed;
+            delivery.next_at = state.clock.now_ms();
+            delivery.last_error = Some(why);
         }
     }
-    delivery.state = DeliveryState::Delivered;
-    delivery.next_at = state.clock.now_ms();
     save(state, &delivery).await;
 }
 
-/// One request to Discord.
-async fn send(request: reqwest::RequestBuilder, attempts: u32) -> Result<(), Stop> {
-    let backoff = (1_000u64 << attempts.saturating_sub(1).min(10)).min(BACKOFF_CAP_MS);
+/// The Discord reply: the edit, then follow-ups, from the first piece not yet sent; each
+/// one sent is recorded at once.
+async fn discord_pieces(
+    state: &AppState,
+    http: &reqwest::Client,
+    delivery: &mut Delivery,
+    application_id: &str,
+    token: &str,
+    text: &str,
+) -> Result<(), Stop> {
+    let Some(discord) = state.config.discord.as_ref() else {
+        return Err(Stop::Retry(
+            60_000,
+            "Discord is not configured on this server".to_owned(),
+        ));
+    };
+    let hook = format!("{}/webhooks/{application_id}/{token}", discord.api_base);
+    for (i, piece) in pieces(text).iter().enumerate().skip(delivery.sent as usize) {
+        let body = json!({"content": piece, "allowed_mentions": {"parse": []}});
+        let request = if i == 0 {
+            http.patch(format!("{hook}/messages/@original"))
+        } else {
+            http.post(hook.as_str())
+        };
+        delivery.attempts += 1;
+        send(
+            request.json(&body),
+            delivery.attempts,
+            BACKOFF_CAP_MS,
+            false,
+        )
+        .await?;
+        delivery.sent += 1;
+        save(state, delivery).await;
+    }
+    Ok(())
+}
+
+/// The webhook: the finished job view, signed; retried on any failure until it expires.
+async fn webhook(
+    state: &AppState,
+    http: &reqwest::Client,
+    delivery: &mut Delivery,
+    url: &str,
+    job: &Job,
+) -> Result<(), Stop> {
+    let Some(secret) = state.config.webhook.secret.as_ref() else {
+        return Err(Stop::Retry(
+            60_000,
+            "webhooks need --webhook-secret on this server".to_owned(),
+        ));
+    };
+    let body = serde_json::to_vec(&crate::http::JobView::from(job)).unwrap_or_default();
+    let id = format!("msg_{}", delivery.id.simple());
+    let timestamp = state.clock.now_ms() / 1_000;
+    let request = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", secret.sign(&id, timestamp, &body))
+        .body(body);
+    delivery.attempts += 1;
+    send(request, delivery.attempts, WEBHOOK_BACKOFF_CAP_MS, true).await?;
+    delivery.sent = 1;
+    Ok(())
+}
+
+/// One request; `always_retry`: a refusal (4xx) is retried too (a webhook receiver's
+/// trouble is usually passing), where Discord's 4xx means the token or message is gone.
+async fn send(
+    request: reqwest::RequestBuilder,
+    attempts: u32,
+    cap_ms: u64,
+    always_retry: bool,
+) -> Result<(), Stop> {
+    let backoff = (1_000u64 << attempts.saturating_sub(1).min(20)).min(cap_ms);
     let response = match request.send().await {
         Ok(response) => response,
-        Err(e) => return Err(Stop::Retry(backoff, format!("Discord unreachable: {e}"))),
+        Err(e) => return Err(Stop::Retry(backoff, format!("unreachable: {e}"))),
     };
     let status = response.status();
     if status.is_success() {
@@ -215,18 +290,18 @@ async fn send(request: reqwest::RequestBuilder, attempts: u32) -> Result<(), Sto
         .and_then(|v| v.parse::<f64>().ok());
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if status.as_u16() == 429 {
-        // Discord says how long in the body (seconds, fractional), and in Retry-After.
+        // Discord says how long in the body (seconds, fractional); others in Retry-After.
         let secs = body["retry_after"].as_f64().or(header_wait).unwrap_or(1.0);
         let wait = (secs.max(0.0) * 1_000.0).ceil() as u64;
         return Err(Stop::Retry(
-            wait.clamp(1, BACKOFF_CAP_MS),
-            "Discord said 429".to_owned(),
+            wait.clamp(1, cap_ms),
+            "answered 429".to_owned(),
         ));
     }
-    if status.is_server_error() {
-        return Err(Stop::Retry(backoff, format!("Discord answered {status}")));
+    if status.is_server_error() || always_retry {
+        return Err(Stop::Retry(backoff, format!("answered {status}")));
     }
-    Err(Stop::GiveUp(format!("Discord answered {status}: {body}")))
+    Err(Stop::GiveUp(format!("answered {status}: {body}")))
 }
 
 #[cfg(test)]

@@ -16,12 +16,15 @@ pub enum Target {
         application_id: String,
         token: String,
     },
+    /// A job's `callback_url`: the finished job view, signed (Standard Webhooks).
+    Webhook { url: String },
 }
 
 impl Target {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Discord { .. } => "discord",
+            Self::Webhook { .. } => "webhook",
         }
     }
 }

@@ -54,6 +54,10 @@ pub struct SubmitBody {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// Where to POST the finished job (signed, Standard Webhooks); its host must be allowed
+    /// by `--webhook-allow-host`.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 impl SubmitBody {
@@ -350,12 +354,45 @@ pub async fn submit_job(
 ) -> Result<(Admission, Result<(Pushed, Verdict), ApiError>), ApiError> {
     check_id(user_param, &body.user_id)?;
     let guild_id = body.guild_id.clone();
+    let callback_url = body.callback_url.clone();
     let (admission, allowed) = submission::admit(state, &body.user_id, guild_id.as_deref()).await?;
     let pushed = async {
         allowed?;
         let guild = admission.settings();
         let mut new = submission::parse(state, body.into_request(request_id(headers))?, guild)?;
+        let callback =
+            match &callback_url {
+                Some(url) => Some(state.config.webhook.check(url).map_err(|message| {
+                    ApiError::Validation {
+                        message,
+                        code: "callback_not_allowed",
+                        param: Some("callback_url".to_owned()),
+                    }
+                })?),
+                None => None,
+            };
         submission::fill_history(state, guild, &mut new).await?;
+        if let Some(url) = callback {
+            // The delivery before the job: once the job exists, its callback is owed.
+            let id = *new.id.get_or_insert_with(Uuid::new_v4);
+            let now = state.clock.now_ms();
+            let delivery = Delivery {
+                id: Uuid::new_v4(),
+                job_id: id,
+                target: crate::domain::Target::Webhook {
+                    url: url.to_string(),
+                },
+                state: DeliveryState::Pending,
+                attempts: 0,
+                sent: 0,
+                created_at: now,
+                next_at: now,
+                expires_at: now + new.delay_ms + crate::webhook::RETRY_FOR_MS,
+                last_error: None,
+                fallback: false,
+            };
+            state.store.add_delivery(&delivery).await?;
+        }
         let (verdict, hit) = consult_cache(state, &new, guild).await;
         Ok((push(state, new, hit).await?, verdict))
     }

@@ -22,4 +22,5 @@ mod python;
 mod python_sdk;
 mod service;
 mod soak;
+mod webhooks;
 mod worker;
