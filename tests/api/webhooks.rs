@@ -19,9 +19,12 @@ use crate::helpers::{TestApp, spawn_app, spawn_app_in, test_config};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// What the receiver was sent: headers and body of each request.
+type Received = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
+
 #[derive(Clone, Default)]
 struct Receiver {
-    got: Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>,
+    got: Received,
     statuses: Arc<Mutex<VecDeque<u16>>>,
 }
 
