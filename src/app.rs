@@ -110,10 +110,7 @@ impl App {
         background.spawn(prune_limiter(state.clone(), shutdown.clone()));
         // Every process sends deliveries (a claim leases each to one); without Discord
         // configured, a Discord delivery waits and is given up when its token expires.
-        background.spawn(crate::discord::deliver::run(
-            state.clone(),
-            shutdown.clone(),
-        ));
+        background.spawn(crate::outbox::run(state.clone(), shutdown.clone()));
         Ok(Self {
             state,
             pool,

@@ -20,6 +20,9 @@
 //! - [`cache`]: the response cache: its key, what may be stored, one upstream call for
 //!   identical requests in flight.
 //! - [`worker`]: the worker pool: claim, run, retry with backoff, complete.
+//! - [`discord`]: Discord's HTTP interactions (verification, commands, registration);
+//!   [`outbox`]: the deliverer that sends finished jobs' replies to Discord and webhooks
+//!   ([`webhook`]: allowed hosts and signing).
 //! - [`http`]: routes (one file per resource) and the one API error type.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics; tracing setup.
 //! - [`client`]: the client subcommands (`submit`, `job`, `stats`, `validate`, `interactions`).
@@ -37,6 +40,7 @@ pub mod domain;
 pub mod http;
 pub mod limiter;
 pub mod metrics;
+pub mod outbox;
 pub mod secret;
 pub mod signals;
 pub mod store;

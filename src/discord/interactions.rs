@@ -6,7 +6,7 @@
 //!   before any upstream call. The job is the Discord user's, in the guild, in the channel's
 //!   conversation, through the same admission (limit, quota), validation and cache as any
 //!   submission; its delivery is in the store's outbox before the job is pushed, so a reply
-//!   is never lost to a restart (`deliver.rs` edits the response when the job is done).
+//!   is never lost to a restart (`crate::outbox` edits the response when the job is done).
 //! - A refusal (validation, rate limit, quota) answers at once, ephemeral: type 4, flags 64.
 //! - `/reset` forgets the channel's conversation; `/quota` tells the caller what is left.
 
