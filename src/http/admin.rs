@@ -54,11 +54,7 @@ pub struct Disk {
 
 /// `GET /v1/queue/stats`
 #[utoipa::path(get, path = "/v1/queue/stats", tag = "admin", security((), ("bearer" = [])),
-    responses((status = 200, body = Stats), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = Stats), crate::http::error::ApiErrors))]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
     let counts = state.store.counts().await?;
     let status = state.store.status().await?;
@@ -98,11 +94,7 @@ pub struct Paused {
 
 /// `POST /v1/queue/pause`
 #[utoipa::path(post, path = "/v1/queue/pause", tag = "admin", security((), ("bearer" = [])),
-    responses((status = 200, body = Paused), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = Paused), crate::http::error::ApiErrors))]
 pub async fn pause(State(state): State<AppState>) -> Result<Json<Paused>, ApiError> {
     state.store.set_paused(true).await?;
     tracing::info!("queue paused");
@@ -111,11 +103,7 @@ pub async fn pause(State(state): State<AppState>) -> Result<Json<Paused>, ApiErr
 
 /// `POST /v1/queue/resume`
 #[utoipa::path(post, path = "/v1/queue/resume", tag = "admin", security((), ("bearer" = [])),
-    responses((status = 200, body = Paused), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = Paused), crate::http::error::ApiErrors))]
 pub async fn resume(State(state): State<AppState>) -> Result<Json<Paused>, ApiError> {
     state.store.set_paused(false).await?;
     tracing::info!("queue resumed");
@@ -223,12 +211,7 @@ fn time_range(
 
 /// `GET /v1/interactions?user_id=&guild_id=&since=&until=&cursor=&limit=`
 #[utoipa::path(get, path = "/v1/interactions", tag = "admin", security((), ("bearer" = [])), params(InteractionsQuery),
-    responses((status = 200, body = InteractionPage), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = InteractionPage), crate::http::error::ApiErrors))]
 pub async fn interactions(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<InteractionsQuery>,
@@ -269,12 +252,7 @@ pub struct CacheCleared {
 /// `DELETE /v1/cache?guild_id=`: forgets every cached reply, or one guild's (`global` names
 /// the replies to requests outside any guild).
 #[utoipa::path(delete, path = "/v1/cache", tag = "admin", security((), ("bearer" = [])), params(CacheQuery),
-    responses((status = 200, body = CacheCleared), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = CacheCleared), crate::http::error::ApiErrors))]
 pub async fn clear_cache(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<CacheQuery>,
@@ -312,12 +290,7 @@ pub struct UsageReport {
 /// `GET /v1/usage?guild_id=&user_id=&since=&until=&group_by=user|guild|day|hour`: totals
 /// from the interaction log (never from per-user metric labels), one row per group, by key.
 #[utoipa::path(get, path = "/v1/usage", tag = "admin", security((), ("bearer" = [])), params(UsageParams),
-    responses((status = 200, body = UsageReport), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = UsageReport), crate::http::error::ApiErrors))]
 pub async fn usage(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<UsageParams>,
@@ -385,13 +358,7 @@ impl std::io::Write for ChannelWriter {
 /// `store::embedded::backup`), streamed as it is read. `chatq backup --to FILE` calls it and
 /// checks the file before keeping it. A shared store is backed up with `pg_dump` instead.
 #[utoipa::path(get, path = "/v1/backup", tag = "admin", security((), ("bearer" = [])),
-    responses((status = 200, description = "The snapshot (see `chatq backup`)", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 409, description = "The state does not allow it", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, description = "The snapshot (see `chatq backup`)", content_type = "application/octet-stream", body = Vec<u8>), crate::http::error::ApiErrors))]
 pub async fn backup(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     if state.config.store.is_shared() {

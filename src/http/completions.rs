@@ -178,19 +178,7 @@ fn too_long(id: Uuid) -> ApiError {
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "completions", request_body = CompletionBody, security((), ("bearer" = [])),
     responses(
         (status = 200, description = "A chat.completion, or with `stream: true` server-sent chat.completion.chunk events ending with `data: [DONE]`",
-            content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
-        (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 409, description = "The state does not allow it", body = crate::http::error::ErrorBody),
-        (status = 413, description = "Body over the limit", body = crate::http::error::ErrorBody),
-        (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
-        (status = 422, description = "A content rule or setting refused", body = crate::http::error::ErrorBody),
-        (status = 429, description = "Rate limited or quota used up (Retry-After)", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+            content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))), crate::http::error::ApiErrors))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -590,10 +578,7 @@ pub struct ModelsExtras {
 
 /// `GET /v1/models`: the configured model and one alias per personality.
 #[utoipa::path(get, path = "/v1/models", tag = "completions", security((), ("bearer" = [])),
-    responses((status = 200, body = ModelList), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = ModelList), crate::http::error::ApiErrors))]
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     let model = |id: String, description: String| Model {
         id,

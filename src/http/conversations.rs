@@ -53,12 +53,7 @@ pub struct ConversationView {
 /// `GET /v1/conversations/{id}?guild_id=`
 #[utoipa::path(get, path = "/v1/conversations/{id}", tag = "conversations", security((), ("bearer" = [])),
     params(("id" = String, Path, description = "The conversation id"), ConversationQuery),
-    responses((status = 200, body = ConversationView), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = ConversationView), crate::http::error::ApiErrors))]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -92,12 +87,7 @@ pub struct Forgotten {
 /// interaction log keeps its own retention).
 #[utoipa::path(delete, path = "/v1/conversations/{id}", tag = "conversations", security((), ("bearer" = [])),
     params(("id" = String, Path, description = "The conversation id"), ConversationQuery),
-    responses((status = 200, body = Forgotten), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = Forgotten), crate::http::error::ApiErrors))]
 pub async fn forget(
     State(state): State<AppState>,
     Path(id): Path<String>,

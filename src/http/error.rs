@@ -67,6 +67,49 @@ pub struct Body<'a> {
 /// The error body, for the API document.
 pub type ErrorBody = Body<'static>;
 
+/// The errors any API route may answer, for the document: every one in the one error shape.
+/// Never built (`dead_code`): it only describes responses, for `utoipa::path`.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ApiErrors {
+    /// Malformed input
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// Missing or wrong bearer token
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// A token without the right, or admin routes disabled
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// Not found
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The request took too long
+    #[response(status = 408)]
+    Timeout(ErrorBody),
+    /// The state does not allow it
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// Body over the limit
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// Not JSON
+    #[response(status = 415)]
+    NotJson(ErrorBody),
+    /// A content rule or setting refused
+    #[response(status = 422)]
+    Refused(ErrorBody),
+    /// Rate limited or quota used up (Retry-After)
+    #[response(status = 429)]
+    Limited(ErrorBody),
+    /// Internal or upstream failure
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// The store cannot take it now, or shutting down
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
 /// The inner `{"message", "type", "code", "param"}` object.
 #[derive(Serialize, utoipa::ToSchema)]
 #[schema(as = ErrorDetail)]

@@ -225,11 +225,7 @@ fn guild_not_found(guild_id: &str) -> ApiError {
 
 /// `GET /v1/guilds`
 #[utoipa::path(get, path = "/v1/guilds", tag = "guilds", security((), ("bearer" = [])),
-    responses((status = 200, body = GuildList), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = GuildList), crate::http::error::ApiErrors))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<GuildList>, ApiError> {
     let guilds = state.store.guilds().await?;
     Ok(Json(GuildList {
@@ -240,13 +236,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<GuildList>, ApiE
 /// `GET /v1/guilds/{guild_id}`
 #[utoipa::path(get, path = "/v1/guilds/{guild_id}", tag = "guilds", security((), ("bearer" = [])),
     params(("guild_id" = String, Path, description = "The guild id")),
-    responses((status = 200, body = GuildView), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = GuildView), crate::http::error::ApiErrors))]
 pub async fn get(
     State(state): State<AppState>,
     Path(guild_id): Path<String>,
@@ -263,15 +253,7 @@ pub async fn get(
 /// `PUT /v1/guilds/{guild_id}`
 #[utoipa::path(put, path = "/v1/guilds/{guild_id}", tag = "guilds", security((), ("bearer" = [])),
     params(("guild_id" = String, Path, description = "The guild id")), request_body = GuildSettings,
-    responses((status = 200, body = GuildView), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 413, description = "Body over the limit", body = crate::http::error::ErrorBody),
-        (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
-        (status = 422, description = "A content rule or setting refused", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = GuildView), crate::http::error::ApiErrors))]
 pub async fn put(
     State(state): State<AppState>,
     Path(guild_id): Path<String>,
@@ -299,13 +281,7 @@ pub struct Deleted {
 /// `DELETE /v1/guilds/{guild_id}`
 #[utoipa::path(delete, path = "/v1/guilds/{guild_id}", tag = "guilds", security((), ("bearer" = [])),
     params(("guild_id" = String, Path, description = "The guild id")),
-    responses((status = 200, body = Deleted), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = Deleted), crate::http::error::ApiErrors))]
 pub async fn delete(
     State(state): State<AppState>,
     Path(guild_id): Path<String>,

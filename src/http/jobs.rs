@@ -301,17 +301,7 @@ pub struct Accepted {
 #[utoipa::path(post, path = "/v1/chat/jobs", tag = "jobs", request_body = SubmitBody, security((), ("bearer" = [])),
     responses(
         (status = 202, description = "Accepted (or answered from the cache: `status` completed)", body = Accepted),
-        (status = 200, description = "The same idempotency key: the first job", body = Accepted),
-        (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 413, description = "Body over the limit", body = crate::http::error::ErrorBody),
-        (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
-        (status = 422, description = "A content rule or setting refused", body = crate::http::error::ErrorBody),
-        (status = 429, description = "Rate limited or quota used up (Retry-After)", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+        (status = 200, description = "The same idempotency key: the first job", body = Accepted), crate::http::error::ApiErrors))]
 pub async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -469,13 +459,7 @@ pub async fn wait_for_job(state: &AppState, id: Uuid, wait_secs: u64) -> Result<
 /// `GET /v1/chat/jobs/{id}?wait=N`
 #[utoipa::path(get, path = "/v1/chat/jobs/{id}", tag = "jobs", security((), ("bearer" = [])),
     params(("id" = String, Path, description = "The job id"), WaitQuery),
-    responses((status = 200, body = JobView), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = JobView), crate::http::error::ApiErrors))]
 pub async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -497,13 +481,7 @@ pub async fn get_job(
 /// `DELETE /v1/chat/jobs/{id}`
 #[utoipa::path(delete, path = "/v1/chat/jobs/{id}", tag = "jobs", security((), ("bearer" = [])),
     params(("id" = String, Path, description = "The job id")),
-    responses((status = 200, body = JobView), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 409, description = "The state does not allow it", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = JobView), crate::http::error::ApiErrors))]
 pub async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -516,13 +494,7 @@ pub async fn cancel_job(
 /// `POST /v1/chat/jobs/{id}/retry` (admin)
 #[utoipa::path(post, path = "/v1/chat/jobs/{id}/retry", tag = "admin", security((), ("bearer" = [])),
     params(("id" = String, Path, description = "The job id")),
-    responses((status = 200, body = JobView), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 409, description = "The state does not allow it", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = JobView), crate::http::error::ApiErrors))]
 pub async fn retry_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -547,12 +519,7 @@ pub struct JobList {
 
 /// `GET /v1/chat/jobs?state=failed&limit=20` (admin)
 #[utoipa::path(get, path = "/v1/jobs", tag = "admin", security((), ("bearer" = [])), params(ListQuery),
-    responses((status = 200, body = JobList), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = JobList), crate::http::error::ApiErrors))]
 pub async fn list_jobs(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,

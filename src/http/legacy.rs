@@ -42,16 +42,7 @@ pub struct LegacyAccepted {
 
 /// `POST /api/chat/bot`
 #[utoipa::path(post, path = "/api/chat/bot", tag = "legacy", request_body = LegacyBody, security((), ("bearer" = [])),
-    responses((status = 202, body = LegacyAccepted), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 413, description = "Body over the limit", body = crate::http::error::ErrorBody),
-        (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
-        (status = 422, description = "A content rule or setting refused", body = crate::http::error::ErrorBody),
-        (status = 429, description = "Rate limited or quota used up (Retry-After)", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 202, body = LegacyAccepted), crate::http::error::ApiErrors))]
 pub async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -114,12 +105,7 @@ fn bullmq_state(state: JobState) -> &'static str {
 /// `GET /api/chat/jobs/{id}`
 #[utoipa::path(get, path = "/api/chat/jobs/{id}", tag = "legacy", security((), ("bearer" = [])),
     params(("id" = String, Path, description = "The job id")),
-    responses((status = 200, body = LegacyJob), (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 404, description = "Not found", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody),
-        (status = 503, description = "The store cannot take it now, or shutting down", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = LegacyJob), crate::http::error::ApiErrors))]
 pub async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,

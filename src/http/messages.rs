@@ -17,14 +17,7 @@ pub struct Validated {
 
 /// `POST /v1/messages/validate`: 200 with the trimmed message, or 422 with the rule's message.
 #[utoipa::path(post, path = "/v1/messages/validate", tag = "messages", request_body = Object, security((), ("bearer" = [])),
-    responses((status = 200, body = Validated), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 413, description = "Body over the limit", body = crate::http::error::ErrorBody),
-        (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
-        (status = 422, description = "A content rule or setting refused", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = Validated), crate::http::error::ApiErrors))]
 pub async fn validate_one(
     State(state): State<AppState>,
     ApiJson(value): ApiJson<Value>,
@@ -53,13 +46,7 @@ pub const MAX_BULK: usize = 1_000;
 /// `POST /v1/messages/validate/bulk`: one result per index and a summary; 200 even when some
 /// messages fail (the per-message errors are the answer).
 #[utoipa::path(post, path = "/v1/messages/validate/bulk", tag = "messages", request_body = BulkBody, security((), ("bearer" = [])),
-    responses((status = 200, body = BulkOutcome), (status = 400, description = "Malformed input", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Token without the right, or admin routes disabled", body = crate::http::error::ErrorBody),
-        (status = 408, description = "The request took too long", body = crate::http::error::ErrorBody),
-        (status = 413, description = "Body over the limit", body = crate::http::error::ErrorBody),
-        (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
-        (status = 500, description = "Internal or upstream failure", body = crate::http::error::ErrorBody)))]
+    responses((status = 200, body = BulkOutcome), crate::http::error::ApiErrors))]
 pub async fn validate_bulk(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<BulkBody>,
