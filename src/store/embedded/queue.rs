@@ -77,7 +77,8 @@ const PAUSED_KEY: &[u8] = b"paused";
 const LOG_PRUNE_CHUNK: usize = 1024;
 /// Job retention removes at most this many records per hold of the index lock (~1 ms).
 const JOB_PRUNE_CHUNK: u64 = 256;
-/// Conversation turns are checked for age at most this often (a scan of their keys).
+/// Conversation turns and ended deliveries are checked for age at most this often (each a
+/// scan of its tree).
 const TURN_PRUNE_EVERY_MS: u64 = 60_000;
 /// A claim moves at most this many due delayed jobs to the ready queue (one sled write
 /// each, under the index lock); the rest move at the next claims.
@@ -658,8 +659,7 @@ impl SledQueue {
         Ok(())
     }
 
-    /// Drops deliveries that ended (delivered or given up) a day ago; checked with the turns'
-    /// cadence.
+    /// Drops deliveries that ended (delivered or given up) a day ago.
     fn prune_outbox(&self) -> Result<u64, StoreError> {
         let cutoff = self.clock.now_ms().saturating_sub(86_400_000);
         let mut removed = 0;
@@ -677,14 +677,20 @@ impl SledQueue {
         Ok(removed)
     }
 
-    /// Forgets turns older than the conversations' age limit.
-    fn prune_turns(&self) -> Result<u64, StoreError> {
+    /// The retention passes that scan a whole tree (turns, the outbox), at most every
+    /// [`TURN_PRUNE_EVERY_MS`] of the store's clock rather than every 100 ms.
+    fn prune_slow(&self) -> Result<u64, StoreError> {
         let now = self.clock.now_ms();
         let last = self.turns_pruned_at.load(Ordering::Relaxed);
         if now < last.saturating_add(TURN_PRUNE_EVERY_MS) {
             return Ok(0);
         }
         self.turns_pruned_at.store(now, Ordering::Relaxed);
+        Ok(self.prune_turns(now)? + self.prune_outbox()?)
+    }
+
+    /// Forgets turns older than the conversations' age limit.
+    fn prune_turns(&self, now: Millis) -> Result<u64, StoreError> {
         let cutoff = now.saturating_sub(self.options.conversation_max_age_ms);
         let mut removed = 0;
         for key in self.turns.iter().keys() {
@@ -954,8 +960,7 @@ impl SledQueue {
         removed += self.prune_finished(JobState::Cancelled, self.options.keep_failed)?;
         removed += self.prune_log(self.options.log_retention)?;
         removed += self.prune_cache()?;
-        removed += self.prune_turns()?;
-        removed += self.prune_outbox()?;
+        removed += self.prune_slow()?;
         Ok(removed)
     }
 
