@@ -167,6 +167,47 @@ impl Index {
     }
 }
 
+/// A range of the log or of one of its indexes, from [`SledQueue::log_range`].
+struct LogRange<'a> {
+    tree: &'a sled::Tree,
+    /// Index keys are `id ++ 0x00 ++ log key`; 0 for the log itself.
+    prefix_len: usize,
+    /// The guild an entry must be of (a user index holds every guild's).
+    filter_guild: Option<String>,
+    lower: Vec<u8>,
+    upper: Vec<u8>,
+}
+
+impl LogRange<'_> {
+    /// The log key and entry an item of the range stands for; `None` when it is an index
+    /// entry whose log entry is gone (retention removes the entry first) or of another guild.
+    fn entry<'k>(
+        &self,
+        queue: &SledQueue,
+        key: &'k [u8],
+        value: sled::IVec,
+    ) -> Result<Option<(&'k [u8], Interaction)>, StoreError> {
+        let log_key = &key[self.prefix_len..];
+        let bytes = if self.prefix_len == 0 {
+            value
+        } else {
+            match queue.log.get(log_key)? {
+                Some(bytes) => bytes,
+                None => return Ok(None),
+            }
+        };
+        let entry = record::decode_interaction(&bytes)?;
+        if self
+            .filter_guild
+            .as_ref()
+            .is_some_and(|g| *g != entry.guild_id)
+        {
+            return Ok(None);
+        }
+        Ok(Some((log_key, entry)))
+    }
+}
+
 /// The cache entries' orderings, derived from their records.
 #[derive(Default)]
 struct CacheIndex {
@@ -704,36 +745,16 @@ impl SledQueue {
     }
 
     pub fn usage_sync(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
-        let (tree, prefix, filter_guild) = match (&q.user_id, &q.guild_id) {
-            (Some(user), guild) => (&self.log_user, record::index_prefix(user), guild.clone()),
-            (None, Some(guild)) => (&self.log_guild, record::index_prefix(guild), None),
-            (None, None) => (&self.log, Vec::new(), None),
-        };
-        let bound = |key: [u8; 16]| {
-            let mut v = prefix.clone();
-            v.extend_from_slice(&key);
-            v
-        };
-        let lower = bound(record::log_key(q.since.unwrap_or(0), 0));
-        let upper = bound(match q.until {
-            Some(until) => record::log_key(until, 0),
-            None => [0xff; 16],
-        });
+        let range = self.log_range(&q.user_id, &q.guild_id, q.since, q.until, None);
         let mut rows: BTreeMap<String, UsageRow> = BTreeMap::new();
-        for item in tree.range(lower..upper) {
+        for item in range
+            .tree
+            .range(range.lower.as_slice()..range.upper.as_slice())
+        {
             let (key, value) = item?;
-            let bytes = if prefix.is_empty() {
-                value
-            } else {
-                match self.log.get(&key[prefix.len()..])? {
-                    Some(bytes) => bytes,
-                    None => continue,
-                }
-            };
-            let entry = record::decode_interaction(&bytes)?;
-            if filter_guild.as_ref().is_some_and(|g| *g != entry.guild_id) {
+            let Some((_, entry)) = range.entry(self, &key, value)? else {
                 continue;
-            }
+            };
             let group = match q.group_by {
                 GroupBy::User => entry.user_id.clone(),
                 GroupBy::Guild => entry.guild_id.clone(),
@@ -747,6 +768,41 @@ impl SledQueue {
                 .add(&entry);
         }
         Ok(rows.into_values().collect())
+    }
+
+    /// The part of the log (or of one of its indexes) that entries of `user` and `guild`
+    /// between `since` and `until` (and before `before`, a log key) are under: the user index
+    /// when a user is named (the guild then filtered), else the guild index, else the log.
+    fn log_range(
+        &self,
+        user: &Option<String>,
+        guild: &Option<String>,
+        since: Option<Millis>,
+        until: Option<Millis>,
+        before: Option<[u8; 16]>,
+    ) -> LogRange<'_> {
+        let (tree, prefix, filter_guild) = match (user, guild) {
+            (Some(user), guild) => (&self.log_user, record::index_prefix(user), guild.clone()),
+            (None, Some(guild)) => (&self.log_guild, record::index_prefix(guild), None),
+            (None, None) => (&self.log, Vec::new(), None),
+        };
+        let bound = |key: [u8; 16]| {
+            let mut v = prefix.clone();
+            v.extend_from_slice(&key);
+            v
+        };
+        let lower = bound(record::log_key(since.unwrap_or(0), 0));
+        let mut upper = bound(until.map_or([0xff; 16], |until| record::log_key(until, 0)));
+        if let Some(key) = before {
+            upper = upper.min(bound(key));
+        }
+        LogRange {
+            tree,
+            prefix_len: prefix.len(),
+            filter_guild,
+            lower,
+            upper,
+        }
     }
 
     /// After a finished record is written: its log entry, then the flag cleared.
@@ -1039,42 +1095,19 @@ impl SledQueue {
             Some(cursor) => Some(record::parse_cursor(cursor).ok_or(StoreError::InvalidCursor)?),
             None => None,
         };
-        let (tree, prefix, filter_guild) = match (&q.user_id, &q.guild_id) {
-            (Some(user), guild) => (&self.log_user, record::index_prefix(user), guild.clone()),
-            (None, Some(guild)) => (&self.log_guild, record::index_prefix(guild), None),
-            (None, None) => (&self.log, Vec::new(), None),
-        };
-        let bound = |key: [u8; 16]| {
-            let mut v = prefix.clone();
-            v.extend_from_slice(&key);
-            v
-        };
-        let lower = bound(record::log_key(q.since.unwrap_or(0), 0));
-        let mut upper = match q.until {
-            Some(until) => bound(record::log_key(until, 0)),
-            None => bound([0xff; 16]),
-        };
-        if let Some(key) = cursor {
-            upper = upper.min(bound(key));
-        }
+        let range = self.log_range(&q.user_id, &q.guild_id, q.since, q.until, cursor);
         let mut entries: Vec<Interaction> = Vec::with_capacity(limit);
         let mut last_key = None;
         let mut next_cursor = None;
-        for item in tree.range(lower..upper).rev() {
+        for item in range
+            .tree
+            .range(range.lower.as_slice()..range.upper.as_slice())
+            .rev()
+        {
             let (key, value) = item?;
-            let log_key = &key[prefix.len()..];
-            let bytes = if prefix.is_empty() {
-                value
-            } else {
-                match self.log.get(log_key)? {
-                    Some(bytes) => bytes,
-                    None => continue,
-                }
-            };
-            let mut entry = record::decode_interaction(&bytes)?;
-            if filter_guild.as_ref().is_some_and(|g| *g != entry.guild_id) {
+            let Some((log_key, mut entry)) = range.entry(self, &key, value)? else {
                 continue;
-            }
+            };
             if entries.len() == limit {
                 next_cursor = last_key.map(|k: Vec<u8>| record::cursor_of(&k));
                 break;
