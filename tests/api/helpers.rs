@@ -402,6 +402,24 @@ impl TestApp {
         a.body
     }
 
+    /// Waits until the job's first delivery is recorded as delivered and returns the job.
+    /// The receiver sees a delivery a moment before chatq records Discord's or the
+    /// webhook's answer, so a test that saw the call must still wait for the record.
+    pub async fn wait_delivered(&self, id: &str) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let job = self.get(&format!("/v1/chat/jobs/{id}")).await.body;
+            if job["deliveries"][0]["state"] == "delivered" {
+                return job;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the delivery was not recorded as delivered: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn stop(self) -> tempfile::TempDir {
         self.shutdown.cancel();
         self.server.await.unwrap().unwrap();
