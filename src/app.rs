@@ -7,7 +7,9 @@
 //!    once. At the same moment the workers stop claiming.
 //! 2. Jobs in flight get up to the shutdown timeout to finish; any still running then are
 //!    aborted and stay `active` on disk, to be recovered at the next start.
-//! 3. Background upkeep (retention, limiter pruning) stops.
+//! 3. Background upkeep (retention, limiter pruning) stops; so does the deliverer, which
+//!    kept sending the replies of jobs that finished in phase 2 (it waits up to 5 s for the
+//!    attempts in flight).
 //! 4. A final sync; the store closes when the last handle drops.
 
 use std::sync::Arc;
@@ -45,6 +47,9 @@ pub struct App {
     pool: WorkerPool,
     background: JoinSet<()>,
     shutdown: CancellationToken,
+    /// Stops the deliverer, after the workers: replies of the jobs that finish while the
+    /// workers drain still go out.
+    stop_delivering: CancellationToken,
 }
 
 impl App {
@@ -110,12 +115,14 @@ impl App {
         background.spawn(prune_limiter(state.clone(), shutdown.clone()));
         // Every process sends deliveries (a claim leases each to one); without Discord
         // configured, a Discord delivery waits and is given up when its token expires.
-        background.spawn(crate::outbox::run(state.clone(), shutdown.clone()));
+        let stop_delivering = CancellationToken::new();
+        background.spawn(crate::outbox::run(state.clone(), stop_delivering.clone()));
         Ok(Self {
             state,
             pool,
             background,
             shutdown,
+            stop_delivering,
         })
     }
 
@@ -128,6 +135,7 @@ impl App {
         self.shutdown.cancel();
         let aborted = self.pool.shutdown(self.state.config.shutdown_timeout).await;
         self.state.set_workers_running(false);
+        self.stop_delivering.cancel();
         if aborted > 0 {
             tracing::warn!(
                 aborted,

@@ -17,25 +17,35 @@
 //! - Claims are leased (`Outbox::claim_deliveries`), so replicas sharing a store never send
 //!   one delivery twice at once, and one that died mid-attempt is taken up after the lease.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{Value, json};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::bot::fallback;
+use crate::clock::Millis;
 use crate::domain::{Delivery, DeliveryState, Job, JobState, Target};
 use crate::http::AppState;
+use crate::signals::Subscription;
 
 /// Discord's longest message.
 pub const MAX_MESSAGE_CHARS: usize = 2_000;
 /// A job still running this long after its interaction gets the fallback reply.
 pub const FALLBACK_AFTER_MS: u64 = 13 * 60_000;
-/// How often the outbox is looked at.
+/// How often the outbox is looked at (besides when a job with a parked delivery finishes).
 const TICK: Duration = Duration::from_millis(200);
+/// Attempts at once: one slow target does not hold the others up.
+const MAX_IN_FLIGHT: usize = 32;
+/// How long shutdown waits for attempts in flight.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 /// A claim holds a delivery this long (an attempt is a few HTTP requests of at most 10 s).
 const LEASE_MS: u64 = 60_000;
-/// A delivery whose job is not done yet is looked at again after this.
-const WAIT_MS: u64 = 300;
 const BACKOFF_CAP_MS: u64 = 60_000;
 /// Webhooks are retried for a day: at most this far apart.
 const WEBHOOK_BACKOFF_CAP_MS: u64 = 10 * 60_000;
@@ -80,7 +90,15 @@ enum Stop {
     GiveUp(String),
 }
 
-/// Runs until `stop` fires.
+/// A delivery parked on its job: wakes it when the job finishes.
+pub struct Parked {
+    job_id: Uuid,
+    finish: Subscription,
+}
+
+/// Runs until `stop` fires, then wakes what it parked (so the next start, or another
+/// replica, takes those deliveries up at once) and lets the attempts in flight end, for at
+/// most [`STOP_WAIT`].
 pub async fn run(state: AppState, stop: CancellationToken) {
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -92,21 +110,89 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             return;
         }
     };
+    let mut in_flight: JoinSet<Option<Parked>> = JoinSet::new();
+    let mut parked = ParkedJobs::default();
+    let mut claim_now = true;
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(TICK) => {}
-            () = stop.cancelled() => return,
-        }
-        let due = match state.store.claim_deliveries(16, LEASE_MS).await {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the delivery outbox failed");
-                continue;
+        let room = MAX_IN_FLIGHT.saturating_sub(in_flight.len());
+        if claim_now && room > 0 {
+            match state.store.claim_deliveries(room, LEASE_MS).await {
+                Ok(due) => {
+                    for delivery in due {
+                        in_flight.spawn(attempt(state.clone(), http.clone(), delivery));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the delivery outbox failed"),
             }
-        };
-        for delivery in due {
-            attempt(&state, &http, delivery).await;
         }
+        claim_now = false;
+        tokio::select! {
+            () = tokio::time::sleep(TICK) => claim_now = true,
+            Some(ended) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Ok(Some(parked_on)) = ended {
+                    parked.add(parked_on);
+                }
+            }
+            Some(job_id) = parked.next(), if !parked.is_empty() => {
+                wake(&state, job_id).await;
+                claim_now = true;
+            }
+            () = stop.cancelled() => break,
+        }
+    }
+    for job_id in parked.jobs {
+        wake(&state, job_id).await;
+    }
+    let ended = tokio::time::timeout(STOP_WAIT, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if ended.is_err() {
+        tracing::warn!(
+            attempts = in_flight.len(),
+            "deliveries still being attempted at shutdown were left leased; they are tried again when the lease ends"
+        );
+    }
+}
+
+/// The jobs this process has parked deliveries on: one finish subscription per job, no
+/// timer each.
+#[derive(Default)]
+struct ParkedJobs {
+    finishes: FuturesUnordered<BoxFuture<'static, Uuid>>,
+    jobs: HashSet<Uuid>,
+}
+
+impl ParkedJobs {
+    /// Watches the job (once: a delivery parked again keeps the first subscription).
+    fn add(&mut self, Parked { job_id, mut finish }: Parked) {
+        if self.jobs.insert(job_id) {
+            self.finishes.push(
+                async move {
+                    finish.finished().await;
+                    job_id
+                }
+                .boxed(),
+            );
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.finishes.is_empty()
+    }
+
+    /// The next watched job that finished.
+    async fn next(&mut self) -> Option<Uuid> {
+        let job_id = self.finishes.next().await?;
+        self.jobs.remove(&job_id);
+        Some(job_id)
+    }
+}
+
+async fn wake(state: &AppState, job_id: Uuid) {
+    if let Err(e) = state.store.wake_deliveries(job_id).await {
+        // The backstop (`park_for`) takes the delivery up later.
+        tracing::warn!(job_id = %job_id, error = %e, "waking a job's deliveries failed");
     }
 }
 
@@ -117,7 +203,46 @@ async fn save(state: &AppState, delivery: &Delivery) {
     }
 }
 
-async fn attempt(state: &AppState, http: &reqwest::Client, mut delivery: Delivery) {
+/// How long a delivery waits parked on its unfinished job before it is looked at again
+/// anyway: as long as it has waited so far, from 1 s up to a cap (30 s for Discord, whose
+/// reply is owed within 15 minutes; 5 minutes for a webhook), and never past Discord's
+/// fallback moment. Its job's finish wakes it before that; this only bounds how long a lost
+/// wake-up (the process that parked it died) can hold a reply back.
+pub fn park_for(delivery: &Delivery, now: Millis) -> Millis {
+    let (cap, deadline) = match delivery.target {
+        Target::Discord { .. } => (30_000, delivery.created_at + FALLBACK_AFTER_MS),
+        Target::Webhook { .. } => (5 * 60_000, delivery.expires_at),
+    };
+    let waited = now.saturating_sub(delivery.created_at);
+    (now + waited.clamp(1_000, cap)).min(deadline.max(now))
+}
+
+/// Parks `delivery` until its job finishes: subscribes first, then records it waiting, then
+/// reads the job once more, so a finish at any moment in between still wakes it.
+async fn park(state: &AppState, mut delivery: Delivery) -> Option<Parked> {
+    let finish = state.signals.finished.subscribe(delivery.job_id);
+    let now = state.clock.now_ms();
+    delivery.state = DeliveryState::Waiting;
+    delivery.next_at = park_for(&delivery, now);
+    if let Err(e) = state.store.save_delivery(&delivery).await {
+        tracing::warn!(delivery = %delivery.id, error = %e, "parking a delivery failed");
+        return None;
+    }
+    match state.store.get(delivery.job_id).await {
+        Ok(Some(job)) if job.state.is_terminal() => {
+            wake(state, delivery.job_id).await;
+            None
+        }
+        _ => Some(Parked {
+            job_id: delivery.job_id,
+            finish,
+        }),
+    }
+}
+
+/// One attempt at one claimed delivery; `Some` when it was parked on its unfinished job.
+async fn attempt(state: AppState, http: reqwest::Client, mut delivery: Delivery) -> Option<Parked> {
+    let state = &state;
     let now = state.clock.now_ms();
     if now >= delivery.expires_at {
         delivery.state = DeliveryState::Failed;
@@ -127,32 +252,29 @@ async fn attempt(state: &AppState, http: &reqwest::Client, mut delivery: Deliver
         ));
         delivery.next_at = now;
         tracing::warn!(job_id = %delivery.job_id, target = delivery.target.kind(), "a delivery was given up");
-        return save(state, &delivery).await;
+        save(state, &delivery).await;
+        return None;
     }
     let discord = matches!(delivery.target, Target::Discord { .. });
     // Only Discord's short-lived token calls for a stand-in reply.
     let late = discord && now >= delivery.created_at + FALLBACK_AFTER_MS;
     let job = match state.store.get(delivery.job_id).await {
         Ok(Some(job)) if job.state.is_terminal() || late => job,
-        // Not done yet (or, just after the request, not pushed yet): look again soon.
-        Ok(Some(_)) => {
-            delivery.next_at = now + WAIT_MS;
-            return save(state, &delivery).await;
-        }
-        Ok(None) if now < delivery.created_at + 60_000 => {
-            delivery.next_at = now + WAIT_MS;
-            return save(state, &delivery).await;
-        }
+        // Not done yet (or, just after the request, not pushed yet): wait for it.
+        Ok(Some(_)) => return park(state, delivery).await,
+        Ok(None) if now < delivery.created_at + 60_000 => return park(state, delivery).await,
         Ok(None) => {
             delivery.state = DeliveryState::Failed;
             delivery.last_error = Some("the job is gone".to_owned());
             delivery.next_at = now;
-            return save(state, &delivery).await;
+            save(state, &delivery).await;
+            return None;
         }
         Err(e) => {
             delivery.next_at = now + 1_000;
             delivery.last_error = Some(e.to_string());
-            return save(state, &delivery).await;
+            save(state, &delivery).await;
+            return None;
         }
     };
     let outcome = match delivery.target.clone() {
@@ -173,9 +295,9 @@ async fn attempt(state: &AppState, http: &reqwest::Client, mut delivery: Deliver
                     fallback::reply_for(personality)
                 )
             };
-            discord_pieces(state, http, &mut delivery, &application_id, &token, &text).await
+            discord_pieces(state, &http, &mut delivery, &application_id, &token, &text).await
         }
-        Target::Webhook { url } => webhook(state, http, &mut delivery, &url, &job).await,
+        Target::Webhook { url } => webhook(state, &http, &mut delivery, &url, &job).await,
     };
     match outcome {
         Ok(()) => {
@@ -196,6 +318,7 @@ async fn attempt(state: &AppState, http: &reqwest::Client, mut delivery: Deliver
         }
     }
     save(state, &delivery).await;
+    None
 }
 
 /// The Discord reply: the edit, then follow-ups, from the first piece not yet sent; each

@@ -32,11 +32,23 @@ impl Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryState {
-    /// Waiting for its job to finish, or for its next attempt.
+    /// Due for its (next) attempt at `next_at`, or being attempted under a claim's lease.
     Pending,
     Delivered,
     /// Given up: the target expired or refused for good.
     Failed,
+    /// Parked until its job finishes: the job's finish wakes it
+    /// ([`Outbox::wake_deliveries`](crate::store::Outbox::wake_deliveries)); `next_at` is
+    /// only a backstop for a wake-up that never came (the process that would have sent it
+    /// died), or Discord's fallback moment.
+    Waiting,
+}
+
+impl DeliveryState {
+    /// Whether the delivery is still owed (a claim may take it when it is due).
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Pending | Self::Waiting)
+    }
 }
 
 /// One delivery.

@@ -157,6 +157,7 @@ macro_rules! store_contract {
             a_conversation_keeps_its_newest_turns_and_forgets_old_ones,
             usage_totals_are_the_logs_grouped,
             deliveries_are_leased_once_retried_after_the_lease_and_kept,
+            a_jobs_finish_wakes_its_waiting_deliveries_never_a_leased_one,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -1506,4 +1507,94 @@ pub async fn deliveries_are_leased_once_retried_after_the_lease_and_kept(mut h: 
         claimed, 21,
         "the twenty new ones and the one whose lease ran out"
     );
+}
+
+pub async fn a_jobs_finish_wakes_its_waiting_deliveries_never_a_leased_one(mut h: Harness) {
+    use crate::domain::{Delivery, DeliveryState, Target};
+    let delivery = |job: uuid::Uuid, due: u64, state: DeliveryState| Delivery {
+        id: uuid::Uuid::new_v4(),
+        job_id: job,
+        target: Target::Webhook {
+            url: "http://hooks.test/in".into(),
+        },
+        state,
+        attempts: 0,
+        sent: 0,
+        created_at: T0,
+        next_at: due,
+        expires_at: T0 + 86_400_000,
+        last_error: None,
+        fallback: false,
+    };
+    let (job, other) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let parked = delivery(job, T0 + 30_000, DeliveryState::Waiting);
+    let due = delivery(job, T0, DeliveryState::Pending);
+    let elsewhere = delivery(other, T0 + 30_000, DeliveryState::Waiting);
+    for d in [&parked, &due, &elsewhere] {
+        h.store().add_delivery(d).await.unwrap();
+    }
+    let claimed = h.store().claim_deliveries(10, 60_000).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [due.id],
+        "a waiting delivery is not due before its backstop"
+    );
+    assert_eq!(
+        h.store().wake_deliveries(job).await.unwrap(),
+        1,
+        "the waiting one, not the one under a lease"
+    );
+    let claimed = h.store().claim_deliveries(10, 60_000).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [parked.id]
+    );
+    assert_eq!(
+        (claimed[0].state, claimed[0].next_at),
+        (DeliveryState::Pending, T0 + 60_000),
+        "claimed: pending under the lease"
+    );
+    assert_eq!(
+        h.store().wake_deliveries(job).await.unwrap(),
+        0,
+        "nothing waits now: both are leased"
+    );
+    // Waiting survives a reopen, and so does the wake-up's effect.
+    h.reopen().await;
+    let kept = h.store().deliveries(other).await.unwrap();
+    assert_eq!(kept[0].state, DeliveryState::Waiting);
+    assert!(
+        h.store()
+            .claim_deliveries(10, 60_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(h.store().wake_deliveries(other).await.unwrap(), 1);
+    h.reopen().await;
+    let claimed = h.store().claim_deliveries(10, 60_000).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [elsewhere.id]
+    );
+    // A waiting delivery whose wake-up never came is due at its backstop.
+    let lost = delivery(uuid::Uuid::new_v4(), T0 + 5_000, DeliveryState::Waiting);
+    h.store().add_delivery(&lost).await.unwrap();
+    h.clock.advance(5_000);
+    let claimed = h.store().claim_deliveries(10, 60_000).await.unwrap();
+    assert_eq!(claimed.iter().map(|d| d.id).collect::<Vec<_>>(), [lost.id]);
+    assert_eq!(claimed[0].state, DeliveryState::Pending);
+    // Ended deliveries are never claimed or woken.
+    let mut ended = delivery(job, T0, DeliveryState::Delivered);
+    h.store().add_delivery(&ended).await.unwrap();
+    ended.state = DeliveryState::Failed;
+    h.store().save_delivery(&ended).await.unwrap();
+    assert_eq!(h.store().wake_deliveries(job).await.unwrap(), 0);
+    h.clock.advance(120_000);
+    let claimed = h.store().claim_deliveries(10, 60_000).await.unwrap();
+    assert!(
+        claimed.iter().all(|d| d.id != ended.id),
+        "an ended delivery is never claimed"
+    );
+    assert_eq!(claimed.len(), 4, "the four open ones, their leases over");
 }

@@ -499,12 +499,17 @@ pub trait ReplyCache: Send + Sync {
 #[async_trait]
 pub trait Outbox: Send + Sync {
     async fn add_delivery(&self, delivery: &Delivery) -> Result<(), StoreError>;
-    /// Up to `limit` pending deliveries due now, leased for `lease_ms`, soonest first.
+    /// Up to `limit` open deliveries (pending or waiting) due now, soonest first, leased for
+    /// `lease_ms`: each comes back `Pending` with `next_at` at the lease's end.
     async fn claim_deliveries(
         &self,
         limit: usize,
         lease_ms: u64,
     ) -> Result<Vec<Delivery>, StoreError>;
+    /// Makes the `Waiting` deliveries of `job_id` due now (`Pending`); returns how many. A
+    /// delivery under a claim's lease is `Pending` and left alone, so a wake-up never hands
+    /// one delivery to two claimers.
+    async fn wake_deliveries(&self, job_id: Uuid) -> Result<u64, StoreError>;
     /// Records what an attempt did (replaces the delivery).
     async fn save_delivery(&self, delivery: &Delivery) -> Result<(), StoreError>;
     /// A job's deliveries, oldest first.

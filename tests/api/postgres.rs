@@ -784,3 +784,75 @@ async fn guild_settings_and_conversations_are_shared_by_replicas() {
     }
     db.drop_it().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discord_reply_owed_by_a_killed_replica_is_delivered_once_by_another() {
+    use crate::discord::{APP, FakeDiscord, ask, interact_with, now_secs, signing_key};
+    use crate::helpers::{MockUpstream, Reply};
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    // Still running when the replica that took the interaction dies.
+    upstream.set_default(Reply::slow(
+        "Shared, like the queue.",
+        Duration::from_millis(1_500),
+    ));
+    let (fake, api) = FakeDiscord::start().await;
+    let env = upstream.env();
+    let dir = tempfile::tempdir().unwrap();
+    let key = hex::encode(signing_key().verifying_key().as_bytes());
+    let start = |name: &str| {
+        let args = [
+            "--database-url",
+            db.url.as_str(),
+            "--lease-secs",
+            "3",
+            "--replica-name",
+            name,
+            "--discord-public-key",
+            key.as_str(),
+            "--discord-application-id",
+            APP,
+            "--discord-api-base",
+            api.as_str(),
+        ];
+        start_chatq_with_env(&dir.path().join(name), &args, &env)
+    };
+    let (mut a, base_a) = start("a");
+    let (mut b, base_b) = start("b");
+    let http = crate::helpers::client_for_killed_server();
+    let (status, body) = interact_with(&http, &base_a, &ask("tok-pg", "hello"), now_secs()).await;
+    assert_eq!((status, body), (200, json!({"type": 5})));
+    // A has taken the delivery up and parked it on the unfinished job; then it dies.
+    let stats = loop {
+        let stats = get_json(&http, &format!("{base_b}/v1/jobs?state=active")).await;
+        if !stats["data"].as_array().unwrap().is_empty() {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let id = stats["data"][0]["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    assert!(fake.calls().is_empty(), "nothing sent before the reply");
+    // B finishes the job (its own or, after A's lease, A's) and sends the reply.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let job = get_json(&http, &format!("{base_b}/v1/chat/jobs/{id}")).await;
+        if job["deliveries"][0]["state"] == "delivered" {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "not delivered: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["status"], "completed");
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 1, "one edit, sent once: {calls:?}");
+    assert_eq!(calls[0].1, "app-1/tok-pg/original");
+    assert_eq!(calls[0].2["content"], "Shared, like the queue.");
+    b.kill().unwrap();
+    b.wait().unwrap();
+    db.drop_it().await;
+}

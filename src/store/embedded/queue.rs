@@ -252,8 +252,10 @@ pub struct SledQueue {
     turns: sled::Tree,
     outbox: sled::Tree,
     outbox_by_job: sled::Tree,
-    /// Serialises outbox claims: a claim reads and rewrites the records it leases.
-    outbox_lock: Mutex<()>,
+    /// The open deliveries by due time, so a claim (every 200 ms) reads only what is due,
+    /// not the whole outbox with a day of ended deliveries. Every outbox write goes through
+    /// it ([`SledQueue::write_delivery`]), which also serialises claims.
+    outbox_due: Mutex<DueIndex>,
     /// When conversation turns were last checked for age (store clock).
     turns_pruned_at: AtomicU64,
     options: StoreOptions,
@@ -328,7 +330,7 @@ impl SledQueue {
             turns: db.open_tree("turns")?,
             outbox: db.open_tree("outbox")?,
             outbox_by_job: db.open_tree("outbox_by_job")?,
-            outbox_lock: Mutex::new(()),
+            outbox_due: Mutex::new(DueIndex::default()),
             turns_pruned_at: AtomicU64::new(0),
             db,
             log_file,
@@ -343,6 +345,7 @@ impl SledQueue {
         };
         queue.recover()?;
         queue.index_cache()?;
+        queue.index_outbox()?;
         Ok(queue)
     }
 
@@ -706,8 +709,7 @@ impl SledQueue {
         let mut removed = 0;
         for bytes in self.outbox.iter().values() {
             let delivery = record::decode_delivery(&bytes?)?;
-            if delivery.state != crate::domain::DeliveryState::Pending && delivery.next_at < cutoff
-            {
+            if !delivery.state.is_open() && delivery.next_at < cutoff {
                 let mut by_job = delivery.job_id.as_bytes().to_vec();
                 by_job.extend_from_slice(delivery.id.as_bytes());
                 self.outbox_by_job.remove(by_job)?;
@@ -1324,10 +1326,64 @@ impl Guilds for SledQueue {
     }
 }
 
+/// The open deliveries by due time. Only in-memory maps change under its lock, plus the
+/// single sled call that writes the record.
+#[derive(Default)]
+struct DueIndex {
+    by_due: std::collections::BTreeSet<(Millis, Uuid)>,
+    due_of: HashMap<Uuid, Millis>,
+}
+
+impl DueIndex {
+    fn forget(&mut self, id: Uuid) {
+        if let Some(old) = self.due_of.remove(&id) {
+            self.by_due.remove(&(old, id));
+        }
+    }
+
+    fn file(&mut self, delivery: &crate::domain::Delivery) {
+        self.forget(delivery.id);
+        if delivery.state.is_open() {
+            self.due_of.insert(delivery.id, delivery.next_at);
+            self.by_due.insert((delivery.next_at, delivery.id));
+        }
+    }
+}
+
 impl SledQueue {
-    fn write_delivery(&self, delivery: &crate::domain::Delivery) -> Result<(), StoreError> {
+    fn outbox_lock(&self) -> MutexGuard<'_, DueIndex> {
+        // A panic under it can only come between a record write and its filing; the next
+        // open rebuilds the index from the records.
+        self.outbox_due
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes a delivery's record and files it by due time (the caller holds the lock).
+    fn write_delivery(
+        &self,
+        due: &mut DueIndex,
+        delivery: &crate::domain::Delivery,
+    ) -> Result<(), StoreError> {
         self.outbox
             .insert(delivery.id.as_bytes(), record::encode_delivery(delivery)?)?;
+        due.file(delivery);
+        Ok(())
+    }
+
+    fn read_delivery(&self, id: Uuid) -> Result<Option<crate::domain::Delivery>, StoreError> {
+        match self.outbox.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some(record::decode_delivery(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Rebuilds the due index from the records, at open.
+    fn index_outbox(&self) -> Result<(), StoreError> {
+        let mut due = self.outbox_lock();
+        for bytes in self.outbox.iter().values() {
+            due.file(&record::decode_delivery(&bytes?)?);
+        }
         Ok(())
     }
 }
@@ -1338,7 +1394,7 @@ impl Outbox for SledQueue {
         let mut by_job = delivery.job_id.as_bytes().to_vec();
         by_job.extend_from_slice(delivery.id.as_bytes());
         self.outbox_by_job.insert(by_job, &[])?;
-        self.write_delivery(delivery)?;
+        self.write_delivery(&mut self.outbox_lock(), delivery)?;
         self.durable().await
     }
 
@@ -1348,26 +1404,60 @@ impl Outbox for SledQueue {
         lease_ms: u64,
     ) -> Result<Vec<crate::domain::Delivery>, StoreError> {
         let now = self.clock.now_ms();
-        let _claiming = self.outbox_lock.lock().unwrap_or_else(|p| p.into_inner());
-        // The outbox holds few records (retention drops finished ones): a scan is cheap.
-        let mut due = Vec::new();
-        for bytes in self.outbox.iter().values() {
-            let delivery = record::decode_delivery(&bytes?)?;
-            if delivery.state == crate::domain::DeliveryState::Pending && delivery.next_at <= now {
-                due.push(delivery);
+        let mut claimed = Vec::new();
+        {
+            let mut due = self.outbox_lock();
+            let ids: Vec<Uuid> = due
+                .by_due
+                .range(..=(now, Uuid::max()))
+                .take(limit)
+                .map(|(_, id)| *id)
+                .collect();
+            for id in ids {
+                let Some(mut delivery) = self.read_delivery(id)? else {
+                    due.forget(id);
+                    continue;
+                };
+                delivery.state = crate::domain::DeliveryState::Pending;
+                delivery.next_at = now.saturating_add(lease_ms);
+                self.write_delivery(&mut due, &delivery)?;
+                claimed.push(delivery);
             }
         }
-        due.sort_by_key(|d| (d.next_at, d.created_at));
-        due.truncate(limit);
-        for delivery in &mut due {
-            delivery.next_at = now.saturating_add(lease_ms);
-            self.write_delivery(delivery)?;
+        // Leases need no flush of their own: a lease lost in a crash only makes the delivery
+        // due again at once, which is what a restart wants.
+        Ok(claimed)
+    }
+
+    async fn wake_deliveries(&self, job_id: Uuid) -> Result<u64, StoreError> {
+        let now = self.clock.now_ms();
+        let mut woken = 0;
+        {
+            let mut due = self.outbox_lock();
+            for key in self.outbox_by_job.scan_prefix(job_id.as_bytes()).keys() {
+                let key = key?;
+                let Some(id) = Uuid::from_slice(&key[16..]).ok() else {
+                    continue;
+                };
+                let Some(mut delivery) = self.read_delivery(id)? else {
+                    continue;
+                };
+                if delivery.state == crate::domain::DeliveryState::Waiting {
+                    delivery.state = crate::domain::DeliveryState::Pending;
+                    delivery.next_at = now;
+                    self.write_delivery(&mut due, &delivery)?;
+                    woken += 1;
+                }
+            }
         }
-        Ok(due)
+        if woken > 0 {
+            self.durable().await?;
+        }
+        Ok(woken)
     }
 
     async fn save_delivery(&self, delivery: &crate::domain::Delivery) -> Result<(), StoreError> {
-        self.write_delivery(delivery)?;
+        self.write_delivery(&mut self.outbox_lock(), delivery)?;
         self.durable().await
     }
 

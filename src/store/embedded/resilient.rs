@@ -460,6 +460,11 @@ impl crate::store::Outbox for ResilientQueue {
         self.watch(queue.claim_deliveries(limit, lease_ms).await)
     }
 
+    async fn wake_deliveries(&self, job_id: Uuid) -> Result<u64, StoreError> {
+        let queue = self.queue()?;
+        self.watch(queue.wake_deliveries(job_id).await)
+    }
+
     async fn save_delivery(&self, delivery: &crate::domain::Delivery) -> Result<(), StoreError> {
         let queue = self.queue()?;
         self.watch(queue.save_delivery(delivery).await)

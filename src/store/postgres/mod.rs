@@ -632,7 +632,7 @@ impl PgStore {
         // Deliveries that ended a day ago.
         removed += tx
             .execute(
-                "DELETE FROM chatq_deliveries WHERE state <> 'pending' AND next_at < $1",
+                "DELETE FROM chatq_deliveries WHERE state IN ('delivered', 'failed') AND next_at < $1",
                 &[&(now - 86_400_000)],
             )
             .await?;
@@ -1406,6 +1406,7 @@ fn state_name(state: crate::domain::DeliveryState) -> &'static str {
         crate::domain::DeliveryState::Pending => "pending",
         crate::domain::DeliveryState::Delivered => "delivered",
         crate::domain::DeliveryState::Failed => "failed",
+        crate::domain::DeliveryState::Waiting => "waiting",
     }
 }
 
@@ -1431,10 +1432,11 @@ impl crate::store::Outbox for PgStore {
             format!(
                 "WITH now AS (SELECT {now} AS ms),
              due AS (SELECT id FROM chatq_deliveries
-                 WHERE state = 'pending' AND next_at <= (SELECT ms FROM now)
+                 WHERE state IN ('pending', 'waiting') AND next_at <= (SELECT ms FROM now)
                  ORDER BY next_at, created_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-             UPDATE chatq_deliveries d SET next_at = (SELECT ms FROM now) + $3,
-                 record = jsonb_set(d.record, '{{next_at}}', to_jsonb((SELECT ms FROM now) + $3))
+             UPDATE chatq_deliveries d SET next_at = (SELECT ms FROM now) + $3, state = 'pending',
+                 record = d.record || jsonb_build_object(
+                     'next_at', (SELECT ms FROM now) + $3, 'state', 'pending')
              FROM due WHERE d.id = due.id
              RETURNING d.record",
                 now = schema::NOW
@@ -1453,6 +1455,27 @@ impl crate::store::Outbox for PgStore {
             .collect::<Result<Vec<_>, _>>()?;
         due.sort_by_key(|d| (d.next_at, d.created_at));
         Ok(due)
+    }
+
+    /// One statement; a row under a claim's lease is `pending`, so it is not touched.
+    async fn wake_deliveries(&self, job_id: Uuid) -> Result<u64, StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH now AS (SELECT {now} AS ms)
+                 UPDATE chatq_deliveries SET state = 'pending', next_at = (SELECT ms FROM now),
+                     record = record || jsonb_build_object(
+                         'next_at', (SELECT ms FROM now), 'state', 'pending')
+                 WHERE job_id = $2 AND state = 'waiting'",
+                now = schema::NOW
+            )
+        });
+        let client = self.client().await?;
+        let statement = client.prepare_cached(SQL.as_str()).await?;
+        let woken = client.execute(&statement, &[&self.now(), &job_id]).await?;
+        if woken > 0 {
+            self.committed();
+        }
+        Ok(woken)
     }
 
     async fn save_delivery(&self, d: &crate::domain::Delivery) -> Result<(), StoreError> {

@@ -149,11 +149,12 @@ CREATE TABLE chatq_deliveries (
   id uuid PRIMARY KEY,
   job_id uuid NOT NULL,
   record jsonb NOT NULL,
-  state text NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+  state text NOT NULL CHECK (state IN ('pending', 'waiting', 'delivered', 'failed')),
   next_at bigint NOT NULL,
   created_at bigint NOT NULL
 );
-CREATE INDEX chatq_deliveries_due ON chatq_deliveries (next_at) WHERE state = 'pending';
+CREATE INDEX chatq_deliveries_due ON chatq_deliveries (next_at)
+  WHERE state IN ('pending', 'waiting');
 CREATE INDEX chatq_deliveries_job ON chatq_deliveries (job_id);
 "#,
 ];
