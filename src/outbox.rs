@@ -432,6 +432,63 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_parked_delivery_is_looked_at_again_after_as_long_as_it_waited_within_its_bounds() {
+        const T: Millis = 1_800_000_000_000;
+        let delivery = |target: Target| Delivery {
+            id: Uuid::nil(),
+            job_id: Uuid::nil(),
+            target,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            sent: 0,
+            created_at: T,
+            next_at: T,
+            expires_at: T + 86_400_000,
+            last_error: None,
+            fallback: false,
+        };
+        let discord = delivery(Target::Discord {
+            application_id: "a".into(),
+            token: "t".into(),
+        });
+        let webhook = delivery(Target::Webhook {
+            url: "http://h/".into(),
+        });
+        assert_eq!(park_for(&discord, T), T + 1_000, "at least a second");
+        assert_eq!(
+            park_for(&discord, T + 10_000),
+            T + 20_000,
+            "as long as it waited"
+        );
+        assert_eq!(
+            park_for(&discord, T + 100_000),
+            T + 130_000,
+            "Discord: 30 s at most"
+        );
+        let near = T + FALLBACK_AFTER_MS - 5_000;
+        assert_eq!(
+            park_for(&discord, near),
+            T + FALLBACK_AFTER_MS,
+            "never past the fallback moment"
+        );
+        assert_eq!(
+            park_for(&webhook, T + 3_600_000),
+            T + 3_900_000,
+            "webhook: 5 minutes"
+        );
+        assert_eq!(
+            park_for(&webhook, T + 86_390_000),
+            T + 86_400_000,
+            "never past the expiry"
+        );
+        assert_eq!(
+            park_for(&webhook, T + 90_000_000),
+            T + 90_000_000,
+            "an expired one is due at once"
+        );
+    }
+
+    #[test]
     fn replies_are_cut_into_discord_sized_pieces_at_a_space_when_there_is_one() {
         assert_eq!(pieces("short"), ["short"]);
         assert_eq!(pieces(""), [""]);
