@@ -1,6 +1,6 @@
 //! Benchmarks of the embedded store alone (no HTTP): durable pushes per second with 1, 16 and 64 concurrent
-//! pushers, group commit against one flush per push, claim+complete per second, and bytes on
-//! disk per stored job and per interaction entry.
+//! pushers, group commit against one flush per push, claim+complete per second, bytes on
+//! disk per stored job and per interaction entry, and the cost of one delivery-outbox claim.
 //!
 //! Run with `cargo bench --bench queue`. Each figure is one timed run on a fresh store in a
 //! temporary directory; compare ratios within one run, not absolute numbers across machines.
@@ -208,6 +208,55 @@ async fn bytes_per_record(n: usize) -> (f64, f64) {
     (per_job, per_entry)
 }
 
+/// One outbox claim (what the deliverer does every 200 ms) with `ended` delivered deliveries
+/// kept (retention keeps them a day) and 8 due ones: microseconds per claim, averaged.
+async fn outbox_claim(ended: usize) -> f64 {
+    use chatq::domain::{Delivery, DeliveryState, Target};
+    use chatq::store::Outbox;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path(), Durability::Relaxed);
+    let delivery = |state: DeliveryState| Delivery {
+        id: uuid::Uuid::new_v4(),
+        job_id: uuid::Uuid::new_v4(),
+        target: Target::Webhook {
+            url: "https://hooks.example/chatq".into(),
+        },
+        state,
+        attempts: 1,
+        sent: 1,
+        created_at: 0,
+        next_at: 0,
+        expires_at: u64::MAX / 2,
+        last_error: None,
+        fallback: false,
+    };
+    for _ in 0..ended {
+        queue
+            .add_delivery(&delivery(DeliveryState::Delivered))
+            .await
+            .unwrap();
+    }
+    let rounds = 200;
+    let mut spent = Duration::ZERO;
+    for _ in 0..rounds {
+        for _ in 0..8 {
+            queue
+                .add_delivery(&delivery(DeliveryState::Pending))
+                .await
+                .unwrap();
+        }
+        let started = Instant::now();
+        let claimed = queue.claim_deliveries(32, 60_000).await.unwrap();
+        spent += started.elapsed();
+        assert_eq!(claimed.len(), 8);
+        for mut d in claimed {
+            d.state = DeliveryState::Delivered;
+            queue.save_delivery(&d).await.unwrap();
+        }
+    }
+    spent.as_secs_f64() * 1e6 / f64::from(rounds)
+}
+
 fn dir_size(path: &std::path::Path) -> u64 {
     let mut total = 0;
     if let Ok(entries) = std::fs::read_dir(path) {
@@ -253,6 +302,15 @@ fn main() {
             for workers in [1, 5, 64] {
                 let rate = claim_complete(50_000, workers).await;
                 println!("| claim + durable complete | {workers} workers | {rate:.0} | - |");
+            }
+        }
+        if wanted("outbox") {
+            println!();
+            println!("| outbox claim (8 due) | ended deliveries kept | µs per claim |");
+            println!("|---|---:|---:|");
+            for ended in [0, 10_000, 100_000] {
+                let micros = outbox_claim(ended).await;
+                println!("| outbox claim | {ended} | {micros:.0} |");
             }
         }
         if wanted("bytes") {
