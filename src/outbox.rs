@@ -42,6 +42,9 @@ pub const FALLBACK_AFTER_MS: u64 = 13 * 60_000;
 const TICK: Duration = Duration::from_millis(200);
 /// Attempts at once: one slow target does not hold the others up.
 const MAX_IN_FLIGHT: usize = 32;
+/// How long one finish subscription of a parked delivery lasts (a wake-up after it is
+/// harmless: a delivery whose job is still running is parked again).
+const WATCH_FOR: Duration = Duration::from_secs(15 * 60);
 /// How long shutdown waits for attempts in flight.
 const STOP_WAIT: Duration = Duration::from_secs(5);
 /// A claim holds a delivery this long (an attempt is a few HTTP requests of at most 10 s).
@@ -164,12 +167,14 @@ struct ParkedJobs {
 }
 
 impl ParkedJobs {
-    /// Watches the job (once: a delivery parked again keeps the first subscription).
+    /// Watches the job (once: a delivery parked again keeps the first subscription), for at
+    /// most [`WATCH_FOR`]: a job that never finishes here must not hold a subscription for
+    /// good; the parked delivery's backstop claim watches it afresh.
     fn add(&mut self, Parked { job_id, mut finish }: Parked) {
         if self.jobs.insert(job_id) {
             self.finishes.push(
                 async move {
-                    finish.finished().await;
+                    let _ = tokio::time::timeout(WATCH_FOR, finish.finished()).await;
                     job_id
                 }
                 .boxed(),

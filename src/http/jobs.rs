@@ -362,6 +362,7 @@ pub async fn submit_job(
                 None => None,
             };
         submission::fill_history(state, guild, &mut new).await?;
+        let mut owed = None;
         if let Some(url) = callback {
             // The delivery before the job: once the job exists, its callback is owed.
             let id = *new.id.get_or_insert_with(Uuid::new_v4);
@@ -382,9 +383,22 @@ pub async fn submit_job(
                 fallback: false,
             };
             state.store.add_delivery(&delivery).await?;
+            owed = Some(delivery);
         }
         let (verdict, hit) = consult_cache(state, &new, guild).await;
-        Ok((push(state, new, hit).await?, verdict))
+        let pushed = push(state, new, hit).await?;
+        if let Some(mut delivery) = owed.filter(|_| !pushed.created) {
+            // A repeat of an idempotency key makes no job: the first submit's callback is the
+            // one owed, and this one is closed at once rather than left to wait for a job
+            // that will never exist.
+            delivery.state = DeliveryState::Failed;
+            delivery.last_error = Some(format!(
+                "a repeat of job {}, whose own callback is the one sent",
+                pushed.job.id
+            ));
+            state.store.save_delivery(&delivery).await?;
+        }
+        Ok((pushed, verdict))
     }
     .await;
     Ok((admission, pushed))

@@ -172,3 +172,36 @@ async fn a_failed_webhook_is_retried_across_a_restart_under_one_id() {
     assert!(delivery["attempts"].as_u64().unwrap() >= 2, "{job}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_sends_one_webhook_and_leaves_nothing_owed() {
+    let (receiver, url) = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    webhooks(&mut config);
+    let app = spawn_app_in(dir, config).await;
+    let body =
+        json!({"user_id": "u", "prompt": "hi", "callback_url": url, "idempotency_key": "once"});
+    let send = || app.post("/v1/chat/jobs", &body);
+    let first = send().await;
+    let again = send().await;
+    assert_eq!((first.status, again.status), (202, 200), "{again:?}");
+    assert_eq!(first.body["id"], again.body["id"]);
+    let id = first.body["id"].as_str().unwrap().to_owned();
+    let job = app.wait_delivered(&id).await;
+    assert_eq!(job["deliveries"].as_array().unwrap().len(), 1, "{job}");
+    assert_eq!(receiver.got.lock().unwrap().len(), 1);
+    // In the store: nothing is still owed, not even for the repeat (an hour on, every open
+    // delivery would be due).
+    let dir = app.stop().await;
+    let later: chatq::clock::SharedClock =
+        chatq::clock::ManualClock::new(chatq::clock::system().now_ms() + 3_600_000);
+    let store = crate::worker::open_store(
+        &dir.path().join("db"),
+        later,
+        std::sync::Arc::new(chatq::signals::Signals::default()),
+    )
+    .await;
+    let owed = store.claim_deliveries(100, 60_000).await.unwrap();
+    assert!(owed.is_empty(), "{owed:?}");
+}

@@ -27,7 +27,7 @@ struct Rig {
 
 /// Opens the embedded store in `path`, as chatq does. A store dropped a moment ago may still
 /// be closing its files on sled's background threads, so this retries briefly.
-async fn open_store(
+pub async fn open_store(
     path: &std::path::Path,
     clock: SharedClock,
     signals: Arc<Signals>,
