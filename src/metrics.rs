@@ -39,6 +39,14 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabel {
+    /// `discord` or `webhook`.
+    pub kind: &'static str,
+    /// `delivered`, `retried` (an attempt that failed and will be tried again) or `failed`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: String,
     pub status: u16,
@@ -84,6 +92,7 @@ pub struct Metrics {
     pub store_up: Gauge,
     pub cache_requests: Family<ResultLabel, Counter>,
     pub cache_entries: Gauge,
+    pub deliveries: Family<DeliveryLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -122,6 +131,7 @@ impl Metrics {
             store_up: Gauge::default(),
             cache_requests: Family::default(),
             cache_entries: Gauge::default(),
+            deliveries: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -224,10 +234,20 @@ impl Metrics {
             "Replies in the response cache",
             m.cache_entries.clone(),
         );
+        registry.register(
+            "deliveries",
+            "Replies sent to Discord or a webhook, by how each attempt ended",
+            m.deliveries.clone(),
+        );
         // Every family from the start, with its known label values at 0: a dashboard's rate()
         // and an alert on failures see a series on a fresh server, not nothing.
         for result in ["hit", "miss"] {
             drop(m.cache_requests.get_or_create(&ResultLabel { result }));
+        }
+        for kind in ["discord", "webhook"] {
+            for result in ["delivered", "retried", "failed"] {
+                drop(m.deliveries.get_or_create(&DeliveryLabel { kind, result }));
+            }
         }
         for fallback in ["false", "true"] {
             drop(m.jobs_completed.get_or_create(&FallbackLabel { fallback }));
@@ -261,6 +281,13 @@ impl Metrics {
     pub fn cache_request(&self, result: &'static str) {
         self.cache_requests
             .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts how one delivery attempt ended.
+    pub fn delivery(&self, kind: &'static str, result: &'static str) {
+        self.deliveries
+            .get_or_create(&DeliveryLabel { kind, result })
             .inc();
     }
 

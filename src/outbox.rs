@@ -257,6 +257,7 @@ async fn attempt(state: AppState, http: reqwest::Client, mut delivery: Delivery)
         ));
         delivery.next_at = now;
         tracing::warn!(job_id = %delivery.job_id, target = delivery.target.kind(), "a delivery was given up");
+        state.metrics.delivery(delivery.target.kind(), "failed");
         save(state, &delivery).await;
         return None;
     }
@@ -269,6 +270,7 @@ async fn attempt(state: AppState, http: reqwest::Client, mut delivery: Delivery)
         Ok(Some(_)) => return park(state, delivery).await,
         Ok(None) if now < delivery.created_at + 60_000 => return park(state, delivery).await,
         Ok(None) => {
+            state.metrics.delivery(delivery.target.kind(), "failed");
             delivery.state = DeliveryState::Failed;
             delivery.last_error = Some("the job is gone".to_owned());
             delivery.next_at = now;
@@ -304,6 +306,12 @@ async fn attempt(state: AppState, http: reqwest::Client, mut delivery: Delivery)
         }
         Target::Webhook { url } => webhook(state, &http, &mut delivery, &url, &job).await,
     };
+    let result = match &outcome {
+        Ok(()) => "delivered",
+        Err(Stop::Retry(..)) => "retried",
+        Err(Stop::GiveUp(_)) => "failed",
+    };
+    state.metrics.delivery(delivery.target.kind(), result);
     match outcome {
         Ok(()) => {
             delivery.state = DeliveryState::Delivered;

@@ -209,6 +209,7 @@ async fn a_fresh_servers_metrics_have_every_family_with_zeros() {
         "chatq_store_reopens",
         "chatq_cache_requests",
         "chatq_cache_entries",
+        "chatq_deliveries",
     ] {
         assert!(
             text.contains(&format!("# TYPE {family} ")),
@@ -229,6 +230,8 @@ async fn a_fresh_servers_metrics_have_every_family_with_zeros() {
         "chatq_jobs_retried_total 0",
         "chatq_rate_limited_requests_total 0",
         "chatq_cache_entries 0",
+        "chatq_deliveries_total{kind=\"discord\",result=\"failed\"} 0",
+        "chatq_deliveries_total{kind=\"webhook\",result=\"delivered\"} 0",
     ] {
         assert!(text.contains(series), "{series}:\n{text}");
     }

@@ -366,6 +366,15 @@ async fn a_refused_delivery_is_retried_after_the_backoff_and_discords_retry_afte
         .wait_delivered(log["data"][0]["job_id"].as_str().unwrap())
         .await;
     assert_eq!(job["deliveries"][0]["attempts"], 3, "{job}");
+    let metrics = app.get("/metrics").await.body;
+    let text = metrics.as_str().unwrap();
+    for series in [
+        "chatq_deliveries_total{kind=\"discord\",result=\"retried\"} 2",
+        "chatq_deliveries_total{kind=\"discord\",result=\"delivered\"} 1",
+        "chatq_deliveries_total{kind=\"discord\",result=\"failed\"} 0",
+    ] {
+        assert!(text.contains(series), "{series}:\n{text}");
+    }
     app.stop().await;
 }
 
