@@ -467,38 +467,33 @@ mod tests {
         let webhook = delivery(Target::Webhook {
             url: "http://h/".into(),
         });
-        assert_eq!(park_for(&discord, T), T + 1_000, "at least a second");
-        assert_eq!(
-            park_for(&discord, T + 10_000),
-            T + 20_000,
-            "as long as it waited"
-        );
-        assert_eq!(
-            park_for(&discord, T + 100_000),
-            T + 130_000,
-            "Discord: 30 s at most"
-        );
         let near = T + FALLBACK_AFTER_MS - 5_000;
-        assert_eq!(
-            park_for(&discord, near),
-            T + FALLBACK_AFTER_MS,
-            "never past the fallback moment"
-        );
-        assert_eq!(
-            park_for(&webhook, T + 3_600_000),
-            T + 3_900_000,
-            "webhook: 5 minutes"
-        );
-        assert_eq!(
-            park_for(&webhook, T + 86_390_000),
-            T + 86_400_000,
-            "never past the expiry"
-        );
-        assert_eq!(
-            park_for(&webhook, T + 90_000_000),
-            T + 90_000_000,
-            "an expired one is due at once"
-        );
+        for (delivery, now, due, why) in [
+            (&discord, T, T + 1_000, "at least a second"),
+            (&discord, T + 10_000, T + 20_000, "as long as it waited"),
+            (&discord, T + 100_000, T + 130_000, "Discord: 30 s at most"),
+            (
+                &discord,
+                near,
+                T + FALLBACK_AFTER_MS,
+                "never past the fallback",
+            ),
+            (&webhook, T + 3_600_000, T + 3_900_000, "webhook: 5 minutes"),
+            (
+                &webhook,
+                T + 86_390_000,
+                T + 86_400_000,
+                "never past the expiry",
+            ),
+            (
+                &webhook,
+                T + 90_000_000,
+                T + 90_000_000,
+                "expired: due at once",
+            ),
+        ] {
+            assert_eq!(park_for(delivery, now), due, "{why}");
+        }
     }
 
     #[test]

@@ -138,6 +138,19 @@ fn discord_config(api: &str) -> DiscordConfig {
     }
 }
 
+/// The flags that make the real binary answer Discord for [`APP`] with the test's key,
+/// sending to the fake at `api`.
+pub fn binary_flags(api: &str) -> [String; 6] {
+    [
+        "--discord-public-key".to_owned(),
+        hex::encode(signing_key().verifying_key().as_bytes()),
+        "--discord-application-id".to_owned(),
+        APP.to_owned(),
+        "--discord-api-base".to_owned(),
+        api.to_owned(),
+    ]
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -475,15 +488,8 @@ async fn a_reply_owed_when_chatq_is_killed_is_delivered_after_the_restart() {
         1_000,
     ));
     let dir = tempfile::tempdir().unwrap();
-    let key = hex::encode(signing_key().verifying_key().as_bytes());
-    let args = [
-        "--discord-public-key",
-        key.as_str(),
-        "--discord-application-id",
-        APP,
-        "--discord-api-base",
-        api.as_str(),
-    ];
+    let flags = binary_flags(&api);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
     let env = upstream.env();
     let (mut chatq, base) = start_chatq_with_env(&dir.path().join("db"), &args, &env);
     let http = reqwest::Client::new();

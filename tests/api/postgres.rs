@@ -787,7 +787,7 @@ async fn guild_settings_and_conversations_are_shared_by_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_discord_reply_owed_by_a_killed_replica_is_delivered_once_by_another() {
-    use crate::discord::{APP, FakeDiscord, ask, interact_with, now_secs, signing_key};
+    use crate::discord::{FakeDiscord, ask, binary_flags, interact_with, now_secs};
     use crate::helpers::{MockUpstream, Reply};
     let Some(db) = Database::create().await else {
         return;
@@ -801,22 +801,17 @@ async fn a_discord_reply_owed_by_a_killed_replica_is_delivered_once_by_another()
     let (fake, api) = FakeDiscord::start().await;
     let env = upstream.env();
     let dir = tempfile::tempdir().unwrap();
-    let key = hex::encode(signing_key().verifying_key().as_bytes());
+    let discord = binary_flags(&api);
     let start = |name: &str| {
-        let args = [
+        let mut args = vec![
             "--database-url",
             db.url.as_str(),
             "--lease-secs",
             "3",
             "--replica-name",
             name,
-            "--discord-public-key",
-            key.as_str(),
-            "--discord-application-id",
-            APP,
-            "--discord-api-base",
-            api.as_str(),
         ];
+        args.extend(discord.iter().map(String::as_str));
         start_chatq_with_env(&dir.path().join(name), &args, &env)
     };
     let (mut a, base_a) = start("a");
