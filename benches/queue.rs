@@ -1,6 +1,7 @@
 //! Benchmarks of the embedded store alone (no HTTP): durable pushes per second with 1, 16 and 64 concurrent
 //! pushers, group commit against one flush per push, claim+complete per second, bytes on
-//! disk per stored job and per interaction entry, and the cost of one delivery-outbox claim.
+//! disk per stored job and per interaction entry, the cost of one delivery-outbox claim and of
+//! one daily-quota check.
 //!
 //! Run with `cargo bench --bench queue`. Each figure is one timed run on a fresh store in a
 //! temporary directory; compare ratios within one run, not absolute numbers across machines.
@@ -257,6 +258,65 @@ async fn outbox_claim(ended: usize) -> f64 {
     spent.as_secs_f64() * 1e6 / f64::from(rounds)
 }
 
+/// A daily quota check for a user with `entries` log entries today in the guild: the scan of
+/// those entries (what every submit did before) and the kept total (now). Microseconds per
+/// check, averaged.
+async fn quota_check(entries: usize) -> (f64, f64) {
+    use chatq::domain::{GroupBy, Usage, UsageQuery, UsageRow, utc_day_start};
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path(), Durability::Relaxed);
+    for i in 0..entries {
+        queue.push(job(i)).await.unwrap();
+        let claimed = queue.claim().await.unwrap().unwrap();
+        let result = JobResult {
+            reply: "Paris.".into(),
+            used_fallback: false,
+            model: "gpt-4o-mini".into(),
+            usage: Some(Usage {
+                prompt_tokens: 20,
+                completion_tokens: 5,
+                total_tokens: 25,
+            }),
+            processed_at: 0,
+            upstream_latency_ms: Some(120),
+            cached: false,
+        };
+        queue.complete(&claimed.lease, result).await.unwrap();
+    }
+    let day = utc_day_start(clock::system().now_ms());
+    let rounds = 200;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let rows = queue
+            .usage(&UsageQuery {
+                guild_id: Some("guild-123456".into()),
+                user_id: Some("bench-user-0001".into()),
+                since: Some(day),
+                until: None,
+                group_by: GroupBy::User,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.iter().map(UsageRow::tokens).sum::<u64>(), 25 * entries as u64);
+    }
+    let scan = started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
+    // The day's first check scans once; the bench times the checks after it.
+    queue
+        .tokens_spent("guild-123456", "bench-user-0001", day)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let spent = queue
+            .tokens_spent("guild-123456", "bench-user-0001", day)
+            .await
+            .unwrap();
+        assert_eq!(spent, 25 * entries as u64);
+    }
+    let kept = started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
+    (scan, kept)
+}
+
 fn dir_size(path: &std::path::Path) -> u64 {
     let mut total = 0;
     if let Ok(entries) = std::fs::read_dir(path) {
@@ -311,6 +371,15 @@ fn main() {
             for ended in [0, 10_000, 100_000] {
                 let micros = outbox_claim(ended).await;
                 println!("| outbox claim | {ended} | {micros:.0} |");
+            }
+        }
+        if wanted("quota") {
+            println!();
+            println!("| quota check | entries today | scan µs | kept µs |");
+            println!("|---|---:|---:|---:|");
+            for entries in [100, 1_000, 10_000] {
+                let (scan, kept) = quota_check(entries).await;
+                println!("| quota check | {entries} | {scan:.1} | {kept:.2} |");
             }
         }
         if wanted("bytes") {

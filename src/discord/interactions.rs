@@ -19,9 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::domain::{
-    Delivery, DeliveryState, GLOBAL_GUILD, GroupBy, Target, UsageQuery, utc_day_start,
-};
+use crate::domain::{Delivery, DeliveryState, GLOBAL_GUILD, Target, utc_day_start};
 use crate::http::error::ApiError;
 use crate::http::submission::{self, Content, SubmitRequest};
 use crate::http::{AppState, jobs};
@@ -184,24 +182,17 @@ async fn command(
                     .map_err(|e| store_failed(e.into()))?,
                 None => None,
             };
-            let Some(quota) = settings.and_then(|g| g.settings.daily_token_quota) else {
+            let (Some(guild), Some(quota)) = (
+                guild.as_deref(),
+                settings.and_then(|g| g.settings.daily_token_quota),
+            ) else {
                 return Ok(ephemeral("There is no daily token quota here."));
             };
-            let now = state.clock.now_ms();
-            let used: u64 = state
+            let used = state
                 .store
-                .usage(&UsageQuery {
-                    guild_id: guild.clone(),
-                    user_id: Some(user),
-                    since: Some(utc_day_start(now)),
-                    until: None,
-                    group_by: GroupBy::User,
-                })
+                .tokens_spent(guild, &user, utc_day_start(state.clock.now_ms()))
                 .await
-                .map_err(|e| store_failed(e.into()))?
-                .iter()
-                .map(|r| r.prompt_tokens + r.completion_tokens)
-                .sum();
+                .map_err(|e| store_failed(e.into()))?;
             Ok(ephemeral(format!(
                 "You have {} of {quota} tokens left today (resets at 00:00 UTC).",
                 quota.saturating_sub(used)

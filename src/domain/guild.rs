@@ -111,6 +111,11 @@ pub fn time_key(group_by: GroupBy, ms: Millis) -> String {
 }
 
 impl UsageRow {
+    /// Prompt and completion tokens: what a quota counts.
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+
     /// Adds one interaction-log entry to the totals.
     pub fn add(&mut self, entry: &crate::domain::Interaction) {
         self.requests += 1;

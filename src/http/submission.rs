@@ -24,8 +24,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::state::AppState;
 use crate::domain::{
-    ChatRequest, GLOBAL_GUILD, GroupBy, Guild, GuildSettings, Message, NewJob, Role, UsageQuery,
-    utc_day_start,
+    ChatRequest, GLOBAL_GUILD, Guild, GuildSettings, Message, NewJob, Role, utc_day_start,
 };
 use crate::limiter::{Decision, GuildLimiters};
 use crate::validate::ValidationError;
@@ -209,19 +208,7 @@ pub async fn admit(
     if let (Some(id), Some(quota)) = (guild_id, settings.and_then(|s| s.daily_token_quota)) {
         let now = state.clock.now_ms();
         let day = utc_day_start(now);
-        let used: u64 = state
-            .store
-            .usage(&UsageQuery {
-                guild_id: Some(id.to_owned()),
-                user_id: Some(user.to_owned()),
-                since: Some(day),
-                until: None,
-                group_by: GroupBy::User,
-            })
-            .await?
-            .iter()
-            .map(|row| row.prompt_tokens + row.completion_tokens)
-            .sum();
+        let used = state.store.tokens_spent(id, user, day).await?;
         let left = quota.saturating_sub(used);
         admission.quota_remaining = Some(left);
         if left == 0 {

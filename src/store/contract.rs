@@ -158,6 +158,7 @@ macro_rules! store_contract {
             usage_totals_are_the_logs_grouped,
             deliveries_are_leased_once_retried_after_the_lease_and_kept,
             a_jobs_finish_wakes_its_waiting_deliveries_never_a_leased_one,
+            tokens_spent_is_the_days_log_of_that_user_in_that_guild,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -1597,4 +1598,103 @@ pub async fn a_jobs_finish_wakes_its_waiting_deliveries_never_a_leased_one(mut h
         "an ended delivery is never claimed"
     );
     assert_eq!(claimed.len(), 4, "the four open ones, their leases over");
+}
+
+pub async fn tokens_spent_is_the_days_log_of_that_user_in_that_guild(mut h: Harness) {
+    use crate::domain::{GroupBy, UsageQuery, UsageRow, utc_day_start};
+    let day = utc_day_start(crate::clock::Clock::now_ms(h.clock.as_ref()));
+    let store = h.store().clone();
+    let spent = |store: Arc<dyn Store>, guild: &'static str, user: &'static str, day| async move {
+        store.tokens_spent(guild, user, day).await.unwrap()
+    };
+    // Asked before anything was spent (a backend that keeps totals starts keeping one here).
+    assert_eq!(spent(store.clone(), "g1", "u1", day).await, 0);
+    let finish = |user: &str, guild: Option<&str>| {
+        let mut new = NewJob::prompt(user, "q");
+        new.guild_id = guild.map(str::to_owned);
+        new
+    };
+    for (user, guild) in [("u1", Some("g2")), ("u2", Some("g1")), ("u1", None)] {
+        h.push(finish(user, guild)).await;
+        let claimed = h.claim().await;
+        store.complete(&claimed.lease, result("r")).await.unwrap();
+    }
+    assert_eq!(
+        spent(store.clone(), "g1", "u1", day).await,
+        0,
+        "others' tokens"
+    );
+    // First checks of the day racing completions (20 users, one job each): every job
+    // counted once, none missed, whichever comes first.
+    for i in 0..20 {
+        h.push(finish(&format!("r{i}"), Some("g1"))).await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let worker = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let claimed = worker.claim().await.unwrap().unwrap();
+            worker.complete(&claimed.lease, result("r")).await.unwrap();
+        }));
+        let checker = store.clone();
+        tasks.push(tokio::spawn(async move {
+            checker
+                .tokens_spent("g1", &format!("r{i}"), day)
+                .await
+                .unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for i in 0..20 {
+        let user = format!("r{i}");
+        assert_eq!(
+            store.tokens_spent("g1", &user, day).await.unwrap(),
+            7,
+            "{user}"
+        );
+    }
+    for _ in 0..20 {
+        h.push(finish("u1", Some("g1"))).await;
+        let claimed = h.claim().await;
+        store.complete(&claimed.lease, result("r")).await.unwrap();
+    }
+    // A failure spends nothing; a hit from the cache spends its usage (zero).
+    h.push(finish("u1", Some("g1"))).await;
+    let claimed = h.claim().await;
+    store
+        .fail(&claimed.lease, err("bad_request"), None)
+        .await
+        .unwrap();
+    let from_log: u64 = store
+        .usage(&UsageQuery {
+            guild_id: Some("g1".into()),
+            user_id: Some("u1".into()),
+            since: Some(day),
+            until: None,
+            group_by: GroupBy::User,
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(UsageRow::tokens)
+        .sum();
+    assert_eq!(from_log, 20 * 7);
+    assert_eq!(spent(store.clone(), "g1", "u1", day).await, from_log);
+    drop(store);
+    h.reopen().await;
+    assert_eq!(spent(h.store().clone(), "g1", "u1", day).await, from_log);
+    // The next day starts from zero; yesterday's total stays what it was.
+    h.clock.advance(86_400_000);
+    let tomorrow = day + 86_400_000;
+    assert_eq!(spent(h.store().clone(), "g1", "u1", tomorrow).await, 0);
+    h.push(finish("u1", Some("g1"))).await;
+    let claimed = h.claim().await;
+    h.store()
+        .complete(&claimed.lease, result("r"))
+        .await
+        .unwrap();
+    assert_eq!(spent(h.store().clone(), "g1", "u1", tomorrow).await, 7);
+    assert_eq!(spent(h.store().clone(), "g1", "u1", day).await, from_log);
 }

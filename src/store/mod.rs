@@ -370,7 +370,30 @@ pub trait InteractionLog: Send + Sync {
     async fn query(&self, query: &LogQuery) -> Result<LogPage, StoreError>;
     /// Totals of the entries `query` selects, one row per group, ordered by key.
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
+    /// What a daily token quota counts: the prompt and completion tokens of `user_id`'s
+    /// entries in `guild_id` in the UTC day that starts at `day_start`. Asked on every
+    /// submit in a guild with a quota, so a backend may keep it rather than add it up.
+    async fn tokens_spent(
+        &self,
+        guild_id: &str,
+        user_id: &str,
+        day_start: Millis,
+    ) -> Result<u64, StoreError> {
+        let rows = self
+            .usage(&UsageQuery {
+                guild_id: Some(guild_id.to_owned()),
+                user_id: Some(user_id.to_owned()),
+                since: Some(day_start),
+                until: Some(day_start + DAY_MS),
+                group_by: crate::domain::GroupBy::User,
+            })
+            .await?;
+        Ok(rows.iter().map(UsageRow::tokens).sum())
+    }
 }
+
+/// One UTC day.
+pub const DAY_MS: Millis = 86_400_000;
 
 /// Most turns a conversation keeps; older ones go as new ones come.
 pub const MAX_TURNS: usize = 200;

@@ -15,6 +15,7 @@ mod flusher;
 mod queue;
 pub mod record;
 mod resilient;
+mod spent;
 #[cfg(test)]
 mod tests;
 

@@ -58,6 +58,7 @@ use uuid::Uuid;
 
 use super::flusher::{self, FlushError, FlushStats, Flusher};
 use super::record::{self, StoredJob};
+use super::spent::Spent;
 use crate::clock::{Millis, SharedClock};
 use crate::domain::interaction::MAX_PAGE;
 use crate::domain::{
@@ -256,6 +257,8 @@ pub struct SledQueue {
     /// not the whole outbox with a day of ended deliveries. Every outbox write goes through
     /// it ([`SledQueue::write_delivery`]), which also serialises claims.
     outbox_due: Mutex<DueIndex>,
+    /// Tokens spent today per (guild, user), for quotas.
+    spent: Spent,
     /// When conversation turns were last checked for age (store clock).
     turns_pruned_at: AtomicU64,
     options: StoreOptions,
@@ -331,6 +334,7 @@ impl SledQueue {
             outbox: db.open_tree("outbox")?,
             outbox_by_job: db.open_tree("outbox_by_job")?,
             outbox_due: Mutex::new(DueIndex::default()),
+            spent: Spent::default(),
             turns_pruned_at: AtomicU64::new(0),
             db,
             log_file,
@@ -650,15 +654,24 @@ impl SledQueue {
         }
         let entry = Interaction::for_finished(&record.job);
         let key = record::log_key(entry.timestamp, record.seq);
-        let written = (|| -> Result<bool, StoreError> {
-            let bytes = record::encode_interaction(&entry)?;
-            let fresh = self.log.insert(key, bytes)?.is_none();
-            self.log_user
-                .insert(record::index_key(&entry.user_id, &key), &[])?;
-            self.log_guild
-                .insert(record::index_key(&entry.guild_id, &key), &[])?;
-            Ok(fresh)
-        })();
+        let tokens = entry.usage.map_or(0, |u| {
+            u64::from(u.prompt_tokens) + u64::from(u.completion_tokens)
+        });
+        let written = self.spent.record(
+            &entry.guild_id,
+            &entry.user_id,
+            entry.timestamp,
+            tokens,
+            || -> Result<bool, StoreError> {
+                let bytes = record::encode_interaction(&entry)?;
+                let fresh = self.log.insert(key, bytes)?.is_none();
+                self.log_user
+                    .insert(record::index_key(&entry.user_id, &key), &[])?;
+                self.log_guild
+                    .insert(record::index_key(&entry.guild_id, &key), &[])?;
+                Ok(fresh)
+            },
+        );
         match written {
             Ok(fresh) => {
                 if fresh {
@@ -729,6 +742,7 @@ impl SledQueue {
             return Ok(0);
         }
         self.turns_pruned_at.store(now, Ordering::Relaxed);
+        self.spent.forget_before(crate::domain::utc_day_start(now));
         Ok(self.prune_turns(now)? + self.prune_outbox()?)
     }
 
@@ -744,6 +758,36 @@ impl SledQueue {
             }
         }
         Ok(removed)
+    }
+
+    /// The tokens `user_id` spent in `guild_id` on the day from `day_start`, if kept (no I/O).
+    pub fn tokens_spent_known(
+        &self,
+        guild_id: &str,
+        user_id: &str,
+        day_start: Millis,
+    ) -> Option<u64> {
+        self.spent.known(guild_id, user_id, day_start)
+    }
+
+    /// The tokens `user_id` spent in `guild_id` on the day from `day_start`: kept, or one scan
+    /// of their entries of that day (see `spent.rs`).
+    pub fn tokens_spent_sync(
+        &self,
+        guild_id: &str,
+        user_id: &str,
+        day_start: Millis,
+    ) -> Result<u64, StoreError> {
+        self.spent.get_or_scan(guild_id, user_id, day_start, || {
+            let rows = self.usage_sync(&UsageQuery {
+                guild_id: Some(guild_id.to_owned()),
+                user_id: Some(user_id.to_owned()),
+                since: Some(day_start),
+                until: Some(day_start + crate::store::DAY_MS),
+                group_by: crate::domain::GroupBy::User,
+            })?;
+            Ok(rows.iter().map(UsageRow::tokens).sum())
+        })
     }
 
     pub fn usage_sync(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
@@ -1283,6 +1327,15 @@ impl InteractionLog for SledQueue {
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
         // Called directly only in tests; `ResilientQueue` runs the scan on the blocking pool.
         self.usage_sync(query)
+    }
+
+    async fn tokens_spent(
+        &self,
+        guild_id: &str,
+        user_id: &str,
+        day_start: Millis,
+    ) -> Result<u64, StoreError> {
+        self.tokens_spent_sync(guild_id, user_id, day_start)
     }
 }
 

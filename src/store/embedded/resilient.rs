@@ -414,6 +414,23 @@ impl InteractionLog for ResilientQueue {
             .await
             .map_err(|e| StoreError::Backend(Box::new(e)))?
     }
+
+    async fn tokens_spent(
+        &self,
+        guild_id: &str,
+        user_id: &str,
+        day_start: Millis,
+    ) -> Result<u64, StoreError> {
+        let queue = self.queue()?;
+        if let Some(tokens) = queue.tokens_spent_known(guild_id, user_id, day_start) {
+            return Ok(tokens);
+        }
+        // The day's first question for this pair scans their entries: off the async threads.
+        let (guild, user) = (guild_id.to_owned(), user_id.to_owned());
+        tokio::task::spawn_blocking(move || queue.tokens_spent_sync(&guild, &user, day_start))
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))?
+    }
 }
 
 #[async_trait]
