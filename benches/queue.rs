@@ -297,7 +297,10 @@ async fn quota_check(entries: usize) -> (f64, f64) {
             })
             .await
             .unwrap();
-        assert_eq!(rows.iter().map(UsageRow::tokens).sum::<u64>(), 25 * entries as u64);
+        assert_eq!(
+            rows.iter().map(UsageRow::tokens).sum::<u64>(),
+            25 * entries as u64
+        );
     }
     let scan = started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
     // The day's first check scans once; the bench times the checks after it.

@@ -78,6 +78,20 @@ pub struct UsageQuery {
     pub group_by: GroupBy,
 }
 
+impl UsageQuery {
+    /// The entries a daily quota counts: `user_id`'s in `guild_id` on the UTC day that starts
+    /// at `day_start`.
+    pub fn day_of(guild_id: &str, user_id: &str, day_start: Millis) -> Self {
+        Self {
+            guild_id: Some(guild_id.to_owned()),
+            user_id: Some(user_id.to_owned()),
+            since: Some(day_start),
+            until: Some(day_start + 86_400_000),
+            group_by: GroupBy::User,
+        }
+    }
+}
+
 /// The totals of one group.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageRow {

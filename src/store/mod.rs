@@ -380,20 +380,11 @@ pub trait InteractionLog: Send + Sync {
         day_start: Millis,
     ) -> Result<u64, StoreError> {
         let rows = self
-            .usage(&UsageQuery {
-                guild_id: Some(guild_id.to_owned()),
-                user_id: Some(user_id.to_owned()),
-                since: Some(day_start),
-                until: Some(day_start + DAY_MS),
-                group_by: crate::domain::GroupBy::User,
-            })
+            .usage(&UsageQuery::day_of(guild_id, user_id, day_start))
             .await?;
         Ok(rows.iter().map(UsageRow::tokens).sum())
     }
 }
-
-/// One UTC day.
-pub const DAY_MS: Millis = 86_400_000;
 
 /// Most turns a conversation keeps; older ones go as new ones come.
 pub const MAX_TURNS: usize = 200;

@@ -779,13 +779,7 @@ impl SledQueue {
         day_start: Millis,
     ) -> Result<u64, StoreError> {
         self.spent.get_or_scan(guild_id, user_id, day_start, || {
-            let rows = self.usage_sync(&UsageQuery {
-                guild_id: Some(guild_id.to_owned()),
-                user_id: Some(user_id.to_owned()),
-                since: Some(day_start),
-                until: Some(day_start + crate::store::DAY_MS),
-                group_by: crate::domain::GroupBy::User,
-            })?;
+            let rows = self.usage_sync(&UsageQuery::day_of(guild_id, user_id, day_start))?;
             Ok(rows.iter().map(UsageRow::tokens).sum())
         })
     }
