@@ -211,7 +211,7 @@ pub struct JobView {
 /// A delivery as the job view shows it (never its target's token).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeliveryView {
-    /// `discord`
+    /// `discord` or `webhook`
     pub kind: &'static str,
     pub state: DeliveryState,
     pub attempts: u32,
@@ -220,6 +220,12 @@ pub struct DeliveryView {
     /// The reply was the fallback: the job took too long.
     pub fallback: bool,
     pub last_error: Option<String>,
+    /// `pending`: when the next attempt is due (for one under way, when it counts as lost
+    /// and is tried again). Not set while `waiting` (the job's finish sets it) or ended.
+    pub next_attempt_at: Option<String>,
+    /// When chatq gives up on it (Discord's token expires 15 minutes after the interaction;
+    /// a webhook is retried for 24 hours).
+    pub expires_at: String,
 }
 
 impl From<&Delivery> for DeliveryView {
@@ -231,6 +237,8 @@ impl From<&Delivery> for DeliveryView {
             sent: d.sent,
             fallback: d.fallback,
             last_error: d.last_error.clone(),
+            next_attempt_at: (d.state == DeliveryState::Pending).then(|| rfc3339(d.next_at)),
+            expires_at: rfc3339(d.expires_at),
         }
     }
 }

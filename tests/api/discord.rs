@@ -466,6 +466,7 @@ async fn a_job_not_done_in_13_minutes_gets_the_fallback_reply_marked_as_such() {
         job["deliveries"][0]["state"], "waiting",
         "parked on its job: {job}"
     );
+    assert_eq!(job["deliveries"][0]["next_attempt_at"], Value::Null);
     clock.advance(13 * 60_000);
     let calls = fake.wait_for_calls(1, 10).await;
     let content = calls[0].2["content"].as_str().unwrap();

@@ -112,6 +112,20 @@ async fn a_webhook_to_an_allowed_host_arrives_signed_and_a_host_not_allowed_is_r
     let got = receiver.wait_for(1).await;
     let (headers, body) = &got[0];
     verify(headers, body);
+    let view = app
+        .wait_delivered(accepted.body["id"].as_str().unwrap())
+        .await;
+    let delivery = &view["deliveries"][0];
+    assert_eq!(delivery["next_attempt_at"], Value::Null, "ended: {view}");
+    let at = |v: &Value| humantime::parse_rfc3339(v.as_str().unwrap()).unwrap();
+    // The delivery is recorded a moment before its job.
+    let retried_for = at(&delivery["expires_at"])
+        .duration_since(at(&view["created_at"]))
+        .unwrap_or_default();
+    assert!(
+        retried_for.as_secs().abs_diff(86_400) < 60,
+        "retried for a day: {view}"
+    );
     let job: Value = serde_json::from_slice(body).unwrap();
     assert_eq!(job["id"], accepted.body["id"]);
     assert_eq!(job["status"], "completed");
