@@ -99,9 +99,9 @@ pub struct Parked {
     finish: Subscription,
 }
 
-/// Runs until `stop` fires, then wakes what it parked (so the next start, or another
-/// replica, takes those deliveries up at once) and lets the attempts in flight end, for at
-/// most [`STOP_WAIT`].
+/// Runs until `stop` fires, then lets the attempts in flight end (for at most
+/// [`STOP_WAIT`]) and wakes what it parked, so the next start, or another replica, takes
+/// those deliveries up at once.
 pub async fn run(state: AppState, stop: CancellationToken) {
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -143,11 +143,12 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             () = stop.cancelled() => break,
         }
     }
-    for job_id in parked.jobs {
-        wake(&state, job_id).await;
-    }
     let ended = tokio::time::timeout(STOP_WAIT, async {
-        while in_flight.join_next().await.is_some() {}
+        while let Some(ended) = in_flight.join_next().await {
+            if let Ok(Some(parked_on)) = ended {
+                parked.add(parked_on);
+            }
+        }
     })
     .await;
     if ended.is_err() {
@@ -156,10 +157,13 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             "deliveries still being attempted at shutdown were left leased; they are tried again when the lease ends"
         );
     }
+    for job_id in parked.jobs {
+        wake(&state, job_id).await;
+    }
 }
 
-/// The jobs this process has parked deliveries on: one finish subscription per job, no
-/// timer each.
+/// The jobs this process has parked deliveries on: one finish subscription per job (a
+/// oneshot and a timer), not a task or a poll each.
 #[derive(Default)]
 struct ParkedJobs {
     finishes: FuturesUnordered<BoxFuture<'static, Uuid>>,
