@@ -647,8 +647,11 @@ async fn three_replicas_one_killed_mid_run_lose_nothing_and_log_each_job_once() 
         acked.len(),
         rescued_finish.len()
     );
+    // Rescued by the lease's end, not by a replica that happened to look much later: the
+    // margin is generous because a loaded machine (CI) runs the other replicas slowly too,
+    // while a rescue that waited for something else would take far longer than this.
     assert!(
-        slowest < (lease_secs as i64 + 5) * 1_000,
+        slowest < (lease_secs as i64 + 30) * 1_000,
         "A's jobs finished {slowest} ms after the kill; the lease is {lease_secs} s"
     );
     for (child, _) in &mut replicas {
