@@ -10,7 +10,7 @@
 //! (`cargo bench --bench http -- accept`).
 
 use std::net::SocketAddr;
-use std::process::Child;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -89,7 +89,8 @@ async fn start_mock() -> (SocketAddr, Arc<Mock>) {
 // ---------------------------------------------------------------- chatq as a process
 
 struct Chatq {
-    child: Child,
+    /// Killed when dropped.
+    child: binary::Running,
     base: String,
     _dir: Option<tempfile::TempDir>,
 }
@@ -128,13 +129,6 @@ impl Chatq {
     /// Peak resident memory of the chatq process, in MiB.
     fn peak_rss_mib(&self) -> f64 {
         proc_status_mib(&self.child.id().to_string(), "VmHWM:")
-    }
-}
-
-impl Drop for Chatq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -7,6 +7,33 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
+/// A running chatq, killed (SIGKILL) when dropped: a test that fails halfway leaves no server
+/// behind holding its port and database connections (left running, they once used up
+/// PostgreSQL's connections for every test after them). Use it as the `Child` it holds.
+pub struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Already gone (a test killed or stopped it): both just fail.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `chatq serve` on a free loopback port over `data_dir`, with `extra` flags and `env`
 /// variables (no API key unless `env` sets one), and returns it with the base URL read from
 /// its `listening on` line.
@@ -14,7 +41,7 @@ pub fn start_chatq_with_env(
     data_dir: &Path,
     extra: &[&str],
     env: &[(&str, String)],
-) -> (Child, String) {
+) -> (Running, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_chatq"));
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -27,7 +54,7 @@ pub fn start_chatq_with_env(
     for (name, value) in env {
         command.env(name, value);
     }
-    let mut child = command.spawn().expect("start chatq");
+    let mut child = Running(command.spawn().expect("start chatq"));
     let stderr = child.stderr.take().expect("piped stderr");
     let mut lines = BufReader::new(stderr).lines();
     let base = loop {

@@ -4,13 +4,13 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chatq::clock;
 
-use crate::binary::{get_json, start_chatq_with_env};
+use crate::binary::{Running, get_json, start_chatq_with_env};
 use crate::helpers::client_for_killed_server;
 use chatq::store::StoreOptions;
 use serde_json::json;
@@ -39,7 +39,7 @@ impl Rng {
 }
 
 /// Starts `chatq serve` without extra environment and returns it with its base URL.
-pub fn start_chatq(data_dir: &Path, extra: &[&str]) -> (Child, String) {
+pub fn start_chatq(data_dir: &Path, extra: &[&str]) -> (Running, String) {
     start_chatq_with_env(data_dir, extra, &[])
 }
 
