@@ -254,15 +254,11 @@ async fn attempt(state: AppState, http: reqwest::Client, mut delivery: Delivery)
     let state = &state;
     let now = state.clock.now_ms();
     if now >= delivery.expires_at {
-        delivery.state = DeliveryState::Failed;
-        delivery.last_error = Some(format!(
+        let why = format!(
             "given up: the {} delivery could not be made in time",
             delivery.target.kind()
-        ));
-        delivery.next_at = now;
-        tracing::warn!(job_id = %delivery.job_id, target = delivery.target.kind(), "a delivery was given up");
-        state.metrics.delivery(delivery.target.kind(), "failed");
-        save(state, &delivery).await;
+        );
+        give_up(state, delivery, why).await;
         return None;
     }
     let discord = matches!(delivery.target, Target::Discord { .. });
@@ -274,11 +270,7 @@ async fn attempt(state: AppState, http: reqwest::Client, mut delivery: Delivery)
         Ok(Some(_)) => return park(state, delivery).await,
         Ok(None) if now < delivery.created_at + 60_000 => return park(state, delivery).await,
         Ok(None) => {
-            state.metrics.delivery(delivery.target.kind(), "failed");
-            delivery.state = DeliveryState::Failed;
-            delivery.last_error = Some("the job is gone".to_owned());
-            delivery.next_at = now;
-            save(state, &delivery).await;
+            give_up(state, delivery, "the job is gone".to_owned()).await;
             return None;
         }
         Err(e) => {
@@ -310,32 +302,34 @@ async fn attempt(state: AppState, http: reqwest::Client, mut delivery: Delivery)
         }
         Target::Webhook { url } => webhook(state, &http, &mut delivery, &url, &job).await,
     };
-    let result = match &outcome {
-        Ok(()) => "delivered",
-        Err(Stop::Retry(..)) => "retried",
-        Err(Stop::GiveUp(_)) => "failed",
-    };
-    state.metrics.delivery(delivery.target.kind(), result);
     match outcome {
         Ok(()) => {
+            state.metrics.delivery(delivery.target.kind(), "delivered");
             delivery.state = DeliveryState::Delivered;
             delivery.last_error = None;
             delivery.next_at = state.clock.now_ms();
+            save(state, &delivery).await;
         }
         Err(Stop::Retry(after_ms, why)) => {
             tracing::warn!(job_id = %delivery.job_id, target = delivery.target.kind(), error = %why, retry_in_ms = after_ms, "a delivery will be retried");
+            state.metrics.delivery(delivery.target.kind(), "retried");
             delivery.next_at = state.clock.now_ms() + after_ms;
             delivery.last_error = Some(why);
+            save(state, &delivery).await;
         }
-        Err(Stop::GiveUp(why)) => {
-            tracing::warn!(job_id = %delivery.job_id, target = delivery.target.kind(), error = %why, "a delivery was refused; giving up");
-            delivery.state = DeliveryState::Failed;
-            delivery.next_at = state.clock.now_ms();
-            delivery.last_error = Some(why);
-        }
+        Err(Stop::GiveUp(why)) => give_up(state, delivery, why).await,
     }
-    save(state, &delivery).await;
     None
+}
+
+/// Ends a delivery as failed (expired, its job gone, or refused for good), counted and kept.
+async fn give_up(state: &AppState, mut delivery: Delivery, why: String) {
+    tracing::warn!(job_id = %delivery.job_id, target = delivery.target.kind(), error = %why, "a delivery was given up");
+    state.metrics.delivery(delivery.target.kind(), "failed");
+    delivery.state = DeliveryState::Failed;
+    delivery.next_at = state.clock.now_ms();
+    delivery.last_error = Some(why);
+    save(state, &delivery).await;
 }
 
 /// The Discord reply: the edit, then follow-ups, from the first piece not yet sent; each
