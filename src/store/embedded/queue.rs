@@ -723,9 +723,7 @@ impl SledQueue {
         for bytes in self.outbox.iter().values() {
             let delivery = record::decode_delivery(&bytes?)?;
             if !delivery.state.is_open() && delivery.next_at < cutoff {
-                let mut by_job = delivery.job_id.as_bytes().to_vec();
-                by_job.extend_from_slice(delivery.id.as_bytes());
-                self.outbox_by_job.remove(by_job)?;
+                self.outbox_by_job.remove(Self::by_job_key(&delivery))?;
                 self.outbox.remove(delivery.id.as_bytes())?;
                 removed += 1;
             }
@@ -1418,11 +1416,29 @@ impl SledQueue {
         Ok(())
     }
 
-    fn read_delivery(&self, id: Uuid) -> Result<Option<crate::domain::Delivery>, StoreError> {
-        match self.outbox.get(id.as_bytes())? {
+    fn read_delivery(&self, id: &[u8]) -> Result<Option<crate::domain::Delivery>, StoreError> {
+        match self.outbox.get(id)? {
             Some(bytes) => Ok(Some(record::decode_delivery(&bytes)?)),
             None => Ok(None),
         }
+    }
+
+    /// The `outbox_by_job` key of a delivery: its job's id, then its own.
+    fn by_job_key(delivery: &crate::domain::Delivery) -> Vec<u8> {
+        let mut key = delivery.job_id.as_bytes().to_vec();
+        key.extend_from_slice(delivery.id.as_bytes());
+        key
+    }
+
+    /// A job's deliveries, in `outbox_by_job` order.
+    fn job_deliveries(&self, job_id: Uuid) -> Result<Vec<crate::domain::Delivery>, StoreError> {
+        let mut found = Vec::new();
+        for key in self.outbox_by_job.scan_prefix(job_id.as_bytes()).keys() {
+            if let Some(delivery) = self.read_delivery(&key?[16..])? {
+                found.push(delivery);
+            }
+        }
+        Ok(found)
     }
 
     /// Rebuilds the due index from the records, at open.
@@ -1438,9 +1454,7 @@ impl SledQueue {
 #[async_trait]
 impl Outbox for SledQueue {
     async fn add_delivery(&self, delivery: &crate::domain::Delivery) -> Result<(), StoreError> {
-        let mut by_job = delivery.job_id.as_bytes().to_vec();
-        by_job.extend_from_slice(delivery.id.as_bytes());
-        self.outbox_by_job.insert(by_job, &[])?;
+        self.outbox_by_job.insert(Self::by_job_key(delivery), &[])?;
         self.write_delivery(&mut self.outbox_lock(), delivery)?;
         self.durable().await
     }
@@ -1461,7 +1475,7 @@ impl Outbox for SledQueue {
                 .map(|(_, id)| *id)
                 .collect();
             for id in ids {
-                let Some(mut delivery) = self.read_delivery(id)? else {
+                let Some(mut delivery) = self.read_delivery(id.as_bytes())? else {
                     due.forget(id);
                     continue;
                 };
@@ -1481,14 +1495,7 @@ impl Outbox for SledQueue {
         let mut woken = 0;
         {
             let mut due = self.outbox_lock();
-            for key in self.outbox_by_job.scan_prefix(job_id.as_bytes()).keys() {
-                let key = key?;
-                let Some(id) = Uuid::from_slice(&key[16..]).ok() else {
-                    continue;
-                };
-                let Some(mut delivery) = self.read_delivery(id)? else {
-                    continue;
-                };
+            for mut delivery in self.job_deliveries(job_id)? {
                 if delivery.state == crate::domain::DeliveryState::Waiting {
                     delivery.state = crate::domain::DeliveryState::Pending;
                     delivery.next_at = now;
@@ -1509,13 +1516,7 @@ impl Outbox for SledQueue {
     }
 
     async fn deliveries(&self, job_id: Uuid) -> Result<Vec<crate::domain::Delivery>, StoreError> {
-        let mut found = Vec::new();
-        for key in self.outbox_by_job.scan_prefix(job_id.as_bytes()).keys() {
-            let key = key?;
-            if let Some(bytes) = self.outbox.get(&key[16..])? {
-                found.push(record::decode_delivery(&bytes)?);
-            }
-        }
+        let mut found = self.job_deliveries(job_id)?;
         found.sort_by_key(|d| d.created_at);
         Ok(found)
     }
