@@ -654,9 +654,10 @@ impl SledQueue {
         }
         let entry = Interaction::for_finished(&record.job);
         let key = record::log_key(entry.timestamp, record.seq);
-        let tokens = entry.usage.map_or(0, |u| {
-            u64::from(u.prompt_tokens) + u64::from(u.completion_tokens)
-        });
+        // Counted as the usage scan counts it, so a kept total and a scan always agree.
+        let mut counted = UsageRow::default();
+        counted.add(&entry);
+        let tokens = counted.tokens();
         let written = self.spent.record(
             &entry.guild_id,
             &entry.user_id,
